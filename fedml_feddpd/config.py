@@ -1,0 +1,236 @@
+"""Load and validate a FedML-style YAML before anything runs.
+
+The file keeps FedML's own `fedml_config.yaml` layout (common_args, data_args, model_args, train_args,
+validation_args, device_args, comm_args, tracking_args) plus this plugin's sections. Every key is
+checked against SCHEMA; the first problem stops the run with one line naming the key and what is
+allowed (`ConfigError`, exit status 2 from the CLI).
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import yaml
+
+REQUIRED = object()
+
+FEDML_DATASETS = ("mnist", "femnist", "cifar10")
+DATASETS = ("digits",) + FEDML_DATASETS
+OPTIMIZERS = ("FedAvg", "FedProx")
+BACKENDS = ("sp",)
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; its message is one line naming the key and what is expected."""
+
+
+@dataclass(frozen=True)
+class Key:
+    kind: type
+    default: Any = REQUIRED
+    expect: str = ""  # human description of what is allowed
+    check: Optional[Callable[[Any], bool]] = None
+    choices: tuple = ()
+
+
+def _int(minimum: int, default=REQUIRED) -> Key:
+    return Key(int, default, f"an integer >= {minimum}", lambda v: v >= minimum)
+
+
+def _float(low: float, high: float = math.inf, default=REQUIRED, low_open=False, high_open=False) -> Key:
+    lo = "(" if low_open else "["
+    hi = ")" if high_open or high == math.inf else "]"
+    hi_txt = "inf" if high == math.inf else f"{high:g}"
+
+    def check(v):
+        above = v > low if low_open else v >= low
+        below = v < high if high_open else v <= high
+        return above and below and math.isfinite(v)
+
+    return Key(float, default, f"a number in {lo}{low:g}, {hi_txt}{hi}", check)
+
+
+def _choice(choices: tuple, default=REQUIRED) -> Key:
+    return Key(str, default, "one of " + ", ".join(choices), choices=choices)
+
+
+def _bool(default: bool) -> Key:
+    return Key(bool, default, "true or false")
+
+
+def _str(default=REQUIRED) -> Key:
+    return Key(str, default, "a string")
+
+
+def _off(key: str) -> Key:
+    # This plugin never talks to FedML's cloud or wandb; accept the key only when it says so.
+    return Key(bool, False, f"false ({key} would contact a server; fedml-feddpd runs offline)",
+               lambda v: v is False)
+
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "common_args": {
+        "training_type": _choice(("simulation",)),
+        "random_seed": _int(0, 0),
+        "scenario": _choice(("horizontal",), "horizontal"),
+        "using_mlops": _off("using_mlops"),
+        "config_version": _str("release"),
+    },
+    "environment_args": {"bootstrap": _str("")},
+    "data_args": {
+        "dataset": _choice(DATASETS),
+        "data_cache_dir": _str("~/fedml_data"),
+        "partition_method": _choice(("hetero", "homo"), "hetero"),
+        "partition_alpha": _float(0.0, default=0.5, low_open=True),
+        "imbalance_factor": _float(1.0, default=1.0),
+        "public_fraction": _float(0.0, 1.0, default=0.2, low_open=True, high_open=True),
+        "test_fraction": _float(0.0, 1.0, default=0.3, low_open=True, high_open=True),
+        "min_client_size": _int(1, 10),
+    },
+    "model_args": {
+        "model": _str(),
+        "model_file_cache_folder": _str(""),
+        "global_model_file_path": _str(""),
+    },
+    "train_args": {
+        "federated_optimizer": _choice(OPTIMIZERS),
+        "client_id_list": _str("[]"),
+        "client_num_in_total": _int(1),
+        "client_num_per_round": _int(1),
+        "comm_round": _int(1),
+        "epochs": _int(1),
+        "batch_size": _int(1),
+        "client_optimizer": _choice(("sgd", "adam"), "sgd"),
+        "learning_rate": _float(0.0, default=REQUIRED, low_open=True),
+        "weight_decay": _float(0.0, default=0.0),
+        "fedprox_mu": _float(0.0, default=0.1),
+    },
+    "validation_args": {"frequency_of_the_test": _int(1, 1)},
+    "device_args": {
+        "using_gpu": _bool(False),
+        "gpu_id": _int(0, 0),
+        "worker_num": _int(1, 1),
+    },
+    "comm_args": {"backend": _choice(BACKENDS, "sp"), "is_mobile": _int(0, 0)},
+    "tracking_args": {
+        "enable_tracking": _off("enable_tracking"),
+        "enable_wandb": _off("enable_wandb"),
+        "log_file_dir": _str("./log"),
+        "wandb_key": _str(""),
+        "wandb_project": _str(""),
+        "wandb_name": _str(""),
+        "wandb_entity": _str(""),
+    },
+    # Plugin settings that are not FedML's.
+    "run_args": {"output_dir": _str("runs"), "torch_threads": _int(0, 1)},  # 0 = torch default
+}
+
+
+def _type_ok(kind: type, value: Any) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _validate_value(where: str, key: Key, value: Any) -> Any:
+    if not _type_ok(key.kind, value) or (key.choices and value not in key.choices) or (
+        key.check is not None and not key.check(value)
+    ):
+        raise ConfigError(f"{where}: expected {key.expect}, got {value!r}")
+    return float(value) if key.kind is float else value
+
+
+@dataclass
+class RunConfig:
+    """The validated YAML: `sections[section][key]` plus the flat view FedML's `args` uses."""
+
+    sections: dict[str, dict[str, Any]]
+    source: str = ""
+    flat: dict[str, Any] = field(init=False)
+
+    def __post_init__(self):
+        self.flat = {k: v for sec in self.sections.values() for k, v in sec.items()}
+
+    def __getitem__(self, key: str) -> Any:
+        return self.flat[key]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.sections, sort_keys=False)
+
+
+def validate(raw: Any, source: str = "<config>") -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a YAML mapping of sections (common_args, data_args, ...), "
+                          f"got {type(raw).__name__}")
+    sections: dict[str, dict[str, Any]] = {}
+    for name, body in raw.items():
+        if name not in SCHEMA:
+            raise ConfigError(f"{name}: unknown section{_suggest(str(name), SCHEMA)}; expected one of "
+                              + ", ".join(SCHEMA))
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"{name}: expected a mapping of keys, got {type(body).__name__}")
+        for key in body:
+            if key not in SCHEMA[name]:
+                raise ConfigError(f"{name}.{key}: unknown key{_suggest(str(key), SCHEMA[name])}; "
+                                  f"allowed: {', '.join(SCHEMA[name])}")
+    for name, keys in SCHEMA.items():
+        body = raw.get(name) or {}
+        out = sections[name] = {}
+        for key, spec in keys.items():
+            where = f"{name}.{key}"
+            if key in body:
+                out[key] = _validate_value(where, spec, body[key])
+            elif spec.default is REQUIRED:
+                raise ConfigError(f"{where}: missing; expected {spec.expect}")
+            else:
+                out[key] = spec.default
+    _check_across_keys(sections)
+    return RunConfig(sections, source)
+
+
+def _check_across_keys(s: dict[str, dict[str, Any]]) -> None:
+    train, data, model = s["train_args"], s["data_args"], s["model_args"]
+    if train["client_num_per_round"] > train["client_num_in_total"]:
+        raise ConfigError(
+            f"train_args.client_num_per_round: expected at most client_num_in_total "
+            f"({train['client_num_in_total']}), got {train['client_num_per_round']}")
+    if data["public_fraction"] + data["test_fraction"] >= 1.0:
+        raise ConfigError(
+            f"data_args.test_fraction: public_fraction + test_fraction must be < 1 to leave data "
+            f"for clients, got {data['public_fraction']} + {data['test_fraction']}")
+    if data["dataset"] in FEDML_DATASETS and data["imbalance_factor"] != 1.0:
+        raise ConfigError(
+            f"data_args.imbalance_factor: expected 1 for FedML's own '{data['dataset']}' loader "
+            f"(global imbalance is built for dataset: digits), got {data['imbalance_factor']}")
+    from .models import check_model_name  # local: models imports torch
+
+    check_model_name(model["model"], data["dataset"])
+
+
+def load_config(path: str | os.PathLike) -> RunConfig:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"--cf {path}: file not found; expected a FedML YAML config such as "
+                          "configs/digits_fedavg.yaml")
+    with open(path) as fh:
+        try:
+            raw = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return validate(raw, path)

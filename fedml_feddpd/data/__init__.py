@@ -1,0 +1,74 @@
+"""Data for a run: the embedded digits benchmark or FedML's own datasets, as FedML's 8-tuple."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from .partition import (Splits, dirichlet_partition, homogeneous_partition, imbalanced_class_sizes,
+                        label_histograms, split_public_train_test)
+
+
+@dataclass
+class FederatedData:
+    """What a run needs. `fedml_dataset` is the 8-tuple FedML's APIs take:
+    [train_num, test_num, train_global, test_global, local_num_dict, local_train_dict,
+    local_test_dict, class_num]."""
+
+    fedml_dataset: list
+    class_num: int
+    test_batches: object                       # iterable of (x, y): the global (imbalanced) test set
+    train_batches: object                      # all clients' training data pooled
+    public: Optional[tuple[torch.Tensor, torch.Tensor]] = None   # server-only split (digits)
+    client_histograms: Optional[np.ndarray] = None               # for reports only
+
+
+def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=gen)
+
+
+def build_digits(args) -> FederatedData:
+    from .digits import load_digits_tensors
+
+    images, labels = load_digits_tensors()
+    num_classes = 10
+    seed = int(args.random_seed)
+    splits = split_public_train_test(labels.numpy(), num_classes, args.public_fraction, args.test_fraction,
+                                     args.imbalance_factor, seed)
+    train_labels = labels[splits.train].numpy()
+    if args.partition_method == "hetero":
+        parts = dirichlet_partition(train_labels, args.client_num_in_total, num_classes,
+                                    args.partition_alpha, args.min_client_size, seed)
+    else:
+        parts = homogeneous_partition(len(train_labels), args.client_num_in_total, seed)
+    x_train, y_train = images[splits.train], labels[splits.train]
+    x_test, y_test = images[splits.test], labels[splits.test]
+    local_train, local_num = {}, {}
+    for cid, idx in parts.items():
+        idx_t = torch.from_numpy(idx)
+        local_train[cid] = _loader(x_train[idx_t], y_train[idx_t], args.batch_size, True, seed * 1000 + cid)
+        local_num[cid] = len(idx)
+    train_global = _loader(x_train, y_train, 256, False, seed)
+    test_global = _loader(x_test, y_test, 256, False, seed)
+    dataset = [len(y_train), len(y_test), train_global, test_global, local_num, local_train,
+               {cid: None for cid in parts}, num_classes]
+    return FederatedData(dataset, num_classes, test_global, train_global,
+                         public=(images[splits.public], labels[splits.public]),
+                         client_histograms=label_histograms(train_labels, parts, num_classes))
+
+
+def load_federated_data(args) -> FederatedData:
+    if args.dataset == "digits":
+        return build_digits(args)
+    from .fedml_datasets import load_fedml_dataset
+
+    dataset, class_num = load_fedml_dataset(args)
+    return FederatedData(dataset, class_num, test_batches=dataset[3], train_batches=dataset[2])
+
+
+__all__ = ["FederatedData", "Splits", "load_federated_data", "build_digits", "dirichlet_partition",
+           "homogeneous_partition", "imbalanced_class_sizes", "label_histograms", "split_public_train_test"]

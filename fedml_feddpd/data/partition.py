@@ -1,0 +1,83 @@
+"""Splits and partitions as pure functions over label arrays (no FedML state, seeded RNGs only)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def imbalanced_class_sizes(n_max: int, num_classes: int, imbalance_factor: float) -> np.ndarray:
+    """n_c = n_max * IF^(-c/(C-1)), floored, at least 1 per class (IF = 1 gives n_max everywhere)."""
+    if imbalance_factor < 1:
+        raise ValueError(f"imbalance_factor: expected >= 1, got {imbalance_factor}")
+    c = np.arange(num_classes)
+    exponent = c / max(num_classes - 1, 1)
+    return np.maximum(1, np.floor(n_max * imbalance_factor ** (-exponent) + 1e-9)).astype(int)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Disjoint index arrays into one labelled pool."""
+
+    public: np.ndarray   # the server's generator data: balanced, belongs to no client, not tested on
+    train: np.ndarray    # the clients' pool, globally imbalanced
+    test: np.ndarray     # global test set, same imbalance profile as train
+
+
+def split_public_train_test(labels: np.ndarray, num_classes: int, public_fraction: float,
+                            test_fraction: float, imbalance_factor: float, seed: int) -> Splits:
+    """Balanced public split first, then train/test cut to the same long-tailed profile.
+
+    Per class, `public_fraction` of its samples go to the server. The rest would give every class
+    about the same size; class c then keeps n_c = n_max * IF^(-c/(C-1)) for training and the same
+    profile, scaled by test_fraction, for testing. Samples cut by the imbalance are unused.
+    """
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
+    n_public = [int(round(public_fraction * len(idx))) for idx in per_class]
+    remaining = min(len(idx) - n for idx, n in zip(per_class, n_public))
+    n_test_max = int(np.floor(test_fraction * remaining))
+    train_sizes = imbalanced_class_sizes(remaining - n_test_max, num_classes, imbalance_factor)
+    test_sizes = imbalanced_class_sizes(n_test_max, num_classes, imbalance_factor)
+    public, train, test = [], [], []
+    for idx, n_pub, n_tr, n_te in zip(per_class, n_public, train_sizes, test_sizes):
+        public.append(idx[:n_pub])
+        test.append(idx[n_pub:n_pub + n_te])
+        train.append(idx[n_pub + n_te:n_pub + n_te + n_tr])
+    return Splits(*(np.sort(np.concatenate(p)) for p in (public, train, test)))
+
+
+def dirichlet_partition(labels: np.ndarray, client_num: int, num_classes: int, alpha: float,
+                        min_size: int, seed: int, max_tries: int = 1000) -> dict[int, np.ndarray]:
+    """FedML's Dirichlet(alpha) label partition ('hetero'), seeded, redrawn until every client has
+    at least `min_size` samples. FedML's function already insists on 10 and loops forever when that
+    is impossible, so impossible sizes are rejected here first."""
+    from fedml.core.data.noniid_partition import non_iid_partition_with_dirichlet_distribution
+
+    need = max(min_size, 10)
+    if client_num * need > len(labels):
+        raise ValueError(f"train_args.client_num_in_total: {client_num} clients x {need} samples each "
+                         f"exceeds the {len(labels)} training samples; use fewer clients or more data")
+    # FedML draws from numpy's global RNG; seed it for this call and restore it afterwards.
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        for _ in range(max_tries):
+            parts = non_iid_partition_with_dirichlet_distribution(labels, client_num, num_classes, alpha)
+            if min(len(p) for p in parts.values()) >= min_size:
+                return {cid: np.sort(np.asarray(p, dtype=int)) for cid, p in parts.items()}
+    finally:
+        np.random.set_state(state)
+    raise ValueError(f"data_args.min_client_size: no Dirichlet({alpha}) partition in {max_tries} draws gave "
+                     f"every client >= {min_size} samples; lower it or raise partition_alpha")
+
+
+def homogeneous_partition(n: int, client_num: int, seed: int) -> dict[int, np.ndarray]:
+    """IID split ('homo'): a seeded shuffle cut into near-equal parts."""
+    order = np.random.default_rng(seed).permutation(n)
+    return {cid: np.sort(part) for cid, part in enumerate(np.array_split(order, client_num))}
+
+
+def label_histograms(labels: np.ndarray, parts: dict[int, np.ndarray], num_classes: int) -> np.ndarray:
+    """Per-client class counts, shape (clients, classes). For reporting, never for the server step."""
+    return np.stack([np.bincount(labels[parts[cid]], minlength=num_classes) for cid in sorted(parts)])

@@ -1,0 +1,135 @@
+"""Every workaround for FedML 0.9.6 lives here, each next to the FedML file:line it answers.
+
+Nothing else in the package patches FedML. Import this module before `fedml.init`.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "WANDB_SILENT": "true",
+}
+
+
+def set_offline_environment() -> None:
+    """No hub, telemetry or wandb traffic from any library we load."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ[key] = value
+
+
+def _empty_mlops_configs():
+    # Matches the 4-tuple MLOpsConfigs.fetch_all_configs returns; the LOG_SERVER_URL key is read
+    # right after the call (core/mlops/__init__.py:1354).
+    return {}, {}, {"LOG_SERVER_URL": ""}, {}
+
+
+def patch_fedml_offline() -> None:
+    """Keep `fedml.init` off the network.
+
+    core/mlops/__init__.py:106 always calls `fetch_config`, which POSTs to FedML's cloud
+    (core/mlops/mlops_configs.py:75-87) and retries 5 times. We hand it empty configs instead.
+    `collect_env` (fedml/__init__.py:85) is avoided by calling `fedml.init(check_env=False)`.
+    """
+    set_offline_environment()
+    from fedml.core.mlops.mlops_configs import MLOpsConfigs
+
+    MLOpsConfigs.fetch_all_configs = staticmethod(_empty_mlops_configs)
+    # FedML logs every batch and round at INFO; keep our tqdm bars readable.
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def init_fedml(args):
+    """`fedml.init` without network, profiling threads or the print-to-logging redirect."""
+    patch_fedml_offline()
+    import fedml
+
+    # fedml/__init__.py:162 starts a system-performance profiler thread unless this is False.
+    args.sys_perf_profiling = False
+    # should_init_logs=False: MLOpsRuntimeLog.init_logs (core/mlops/__init__.py:105) redirects
+    # print into logging (mlops_runtime_log.py:193) and creates ./logs.
+    args = fedml.init(args, check_env=False, should_init_logs=False)
+    logging.getLogger().setLevel(logging.WARNING)
+    return args
+
+
+class RoundHooks:
+    """Mixin over FedML's sp round loops (`simulation/sp/fedavg/fedavg_api.py` FedAvgAPI and
+    `simulation/sp/fedprox/fedprox_trainer.py` FedProxTrainer, identical `train()` loops) that lets
+    us act once per round without copying the loop:
+
+    * `_client_sampling` (fedavg_api.py:84) is the first call of a round: it gives us the round
+      index and the sampled client ids, which `_aggregate` never receives.
+    * `_aggregate(w_locals)` (fedavg_api.py:106) averages *into* `w_locals[0]` (:150-158), so the
+      uploads are copied before FedML averages, then `after_aggregation` sees them with client ids.
+    * `_local_test_on_all_clients` (fedavg_api.py:111-120) is the per-round test hook; the runner
+      forces `frequency_of_the_test = 1` so it fires every round and we evaluate on our own schedule.
+    """
+
+    def install_round_hooks(self, on_round_end, after_aggregation=None):
+        self._on_round_end = on_round_end
+        self._after_aggregation = after_aggregation
+        self.round_idx = -1
+        self.round_clients: list[int] = []
+        self.client_seconds = 0.0
+        self.server_seconds = 0.0
+        for client in self.client_list:
+            client.train = self._timed(client.train)
+
+    def _timed(self, train):
+        def timed_train(w_global):
+            start = time.perf_counter()
+            try:
+                return train(w_global)
+            finally:
+                self.client_seconds += time.perf_counter() - start
+        return timed_train
+
+    def _client_sampling(self, round_idx, client_num_in_total, client_num_per_round):
+        clients = super()._client_sampling(round_idx, client_num_in_total, client_num_per_round)
+        self.round_idx = round_idx
+        self.round_clients = [int(c) for c in clients]
+        self.client_seconds = self.server_seconds = 0.0
+        return clients
+
+    def _aggregate(self, w_locals):
+        start = time.perf_counter()
+        uploads = None
+        if self._after_aggregation is not None:
+            # (client id, sample count, a private copy of the uploaded state dict)
+            uploads = [(cid, n, copy.deepcopy(w)) for cid, (n, w) in zip(self.round_clients, w_locals)]
+        w_global = super()._aggregate(w_locals)
+        if uploads is not None:
+            self._after_aggregation(self.round_idx, w_global, uploads)
+        self.server_seconds += time.perf_counter() - start
+        return w_global
+
+    def _local_test_on_all_clients(self, round_idx):
+        self._on_round_end(round_idx)
+
+    _local_test_on_validation_set = _local_test_on_all_clients
+
+
+def sp_api_class(federated_optimizer: str):
+    """FedML's own sp implementation of FedAvg / FedProx with the round hooks mixed in."""
+    if federated_optimizer == "FedAvg":
+        from fedml.simulation.sp.fedavg.fedavg_api import FedAvgAPI as base
+    elif federated_optimizer == "FedProx":
+        from fedml.simulation.sp.fedprox.fedprox_trainer import FedProxTrainer as base
+    else:
+        raise ValueError(f"train_args.federated_optimizer: expected FedAvg or FedProx, got {federated_optimizer!r}")
+    return type(f"Hooked{base.__name__}", (RoundHooks, base), {})
+
+
+def build_sp_api(federated_optimizer: str, args, device, dataset, model):
+    cls = sp_api_class(federated_optimizer)
+    if federated_optimizer == "FedAvg":  # the two constructors take their arguments in different orders
+        return cls(args, device, dataset, model)
+    return cls(dataset, model, device, args)

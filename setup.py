@@ -1,0 +1,31 @@
+"""fedml-feddpd: FedDPD (discrepancy-guided, DPO-adapted diffusion supplements) as a FedML plugin."""
+from setuptools import find_packages, setup
+
+setup(
+    name="fedml-feddpd",
+    version="0.1.0",
+    description="FedDPD for FedML: server-side Diffusion-DPO supplements against globally imbalanced non-IID data",
+    packages=find_packages(include=["fedml_feddpd", "fedml_feddpd.*", "baselines", "baselines.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "fedml==0.9.6",
+        # fedml 0.9.6 imports pkg_resources, removed in setuptools 81.
+        "setuptools<81",
+        # fedml pins numpy<2; pyarrow 26 needs numpy 2 and then `datasets` (and TRL) fail to import.
+        "numpy<2",
+        "pyarrow<26",
+        "torch>=2.2,<=2.14.1",
+        "torchvision",
+        "diffusers>=0.30",
+        "peft>=0.13",
+        # The Diffusion-DPO trainer reuses DPOTrainer internals checked by tests/test_trl_contract.py.
+        "trl>=1.0,<1.17",
+        "transformers",
+        "pyyaml",
+        "scikit-learn",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest>=7", "pytest-timeout"]},
+    entry_points={"console_scripts": ["feddpd=fedml_feddpd.cli:main"]},
+)

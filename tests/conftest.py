@@ -1,0 +1,37 @@
+import os
+import sys
+import warnings
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+warnings.filterwarnings("ignore", message=".*pkg_resources.*")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+@pytest.fixture
+def config_dict():
+    """The default digits FedAvg config as a dict, small enough for a test."""
+    import yaml
+
+    with open(os.path.join(ROOT, "configs", "digits_fedavg.yaml")) as fh:
+        raw = yaml.safe_load(fh)
+    raw["train_args"].update(comm_round=2, client_num_in_total=4, client_num_per_round=4)
+    return raw
+
+
+@pytest.fixture
+def make_config(config_dict):
+    """make_config(key=value, ...) -> validated RunConfig of the small default with keys replaced."""
+    from fedml_feddpd.config import SCHEMA, validate
+
+    def make(**overrides):
+        for key, value in overrides.items():
+            section = next(s for s, keys in SCHEMA.items() if key in keys)
+            config_dict.setdefault(section, {})[key] = value
+        return validate(config_dict, "test.yaml")
+
+    return make

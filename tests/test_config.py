@@ -1,0 +1,101 @@
+"""Each bad input stops the run with one line naming the key and what is allowed."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fedml_feddpd.cli import main
+from fedml_feddpd.config import ConfigError, load_config, validate
+
+BAD_INPUTS = [
+    # (section, key, value, expected fragment of the message)
+    ("train_args", "federated_optimizer", "FedFoo", "train_args.federated_optimizer: expected one of FedAvg, FedProx"),
+    ("data_args", "partition_alpha", -0.5, "data_args.partition_alpha: expected a number in (0, inf), got -0.5"),
+    ("data_args", "partition_alpha", 0, "data_args.partition_alpha: expected a number in (0, inf), got 0"),
+    ("data_args", "imbalance_factor", 0.5, "data_args.imbalance_factor: expected a number in [1, inf), got 0.5"),
+    ("train_args", "comm_round", "ten", "train_args.comm_round: expected an integer >= 1, got 'ten'"),
+    ("train_args", "learning_rate", True, "train_args.learning_rate: expected a number in (0, inf), got True"),
+    ("train_args", "client_num_per_round", 20, "train_args.client_num_per_round: expected at most client_num_in_total (4), got 20"),
+    ("data_args", "dataset", "imagenet", "data_args.dataset: expected one of digits, mnist, femnist, cifar10, got 'imagenet'"),
+    ("comm_args", "backend", "NCCL", "comm_args.backend: expected one of sp, got 'NCCL'"),
+    ("tracking_args", "enable_wandb", True, "tracking_args.enable_wandb: expected false"),
+    ("model_args", "model", "resnet56", "model_args.model: 'resnet56' does not fit dataset 'digits'"),
+    ("data_args", "public_fraction", 1.5, "data_args.public_fraction: expected a number in (0, 1), got 1.5"),
+]
+
+
+@pytest.mark.parametrize("section,key,value,message", BAD_INPUTS, ids=[f"{b[1]}={b[2]}" for b in BAD_INPUTS])
+def test_bad_value_names_key(config_dict, section, key, value, message):
+    config_dict[section][key] = value
+    with pytest.raises(ConfigError) as err:
+        validate(config_dict, "x.yaml")
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_required_key(config_dict):
+    del config_dict["data_args"]["dataset"]
+    with pytest.raises(ConfigError, match=r"^data_args.dataset: missing; expected one of digits"):
+        validate(config_dict)
+
+
+def test_unknown_key_suggests_spelling(config_dict):
+    config_dict["data_args"]["partition_alfa"] = 0.3
+    with pytest.raises(ConfigError, match=r"data_args.partition_alfa: unknown key \(did you mean 'partition_alpha'\?\)"):
+        validate(config_dict)
+
+
+def test_unknown_section(config_dict):
+    config_dict["trian_args"] = {}
+    with pytest.raises(ConfigError, match=r"trian_args: unknown section \(did you mean 'train_args'\?\)"):
+        validate(config_dict)
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a YAML mapping of sections"):
+        load_config(path)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train_args: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_fedml_dataset_missing_files_fail_before_download(tmp_path):
+    from fedml_feddpd.data.fedml_datasets import check_files
+
+    with pytest.raises(FileNotFoundError, match=r"dataset 'mnist' needs MNIST.zip, MNIST/train/\*.json"):
+        check_files("mnist", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="fed_emnist_train.h5"):
+        check_files("femnist", str(tmp_path))
+
+
+def test_valid_config_fills_defaults(config_dict):
+    del config_dict["data_args"]["min_client_size"]
+    cfg = validate(config_dict)
+    assert cfg["min_client_size"] == 10 and cfg["fedprox_mu"] == 0.1
+    assert isinstance(cfg["imbalance_factor"], float)
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path, config_dict, capsys):
+    config_dict["data_args"]["partition_alpha"] = -1
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config_dict))
+    assert main(["run", "--cf", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "feddpd: error: data_args.partition_alpha: expected a number in (0, inf), got -1"
+    assert not (tmp_path / "out").exists()
+
+
+def test_module_entry_exit_status(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fedml_feddpd", "run", "--cf", str(tmp_path / "none.yaml")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("feddpd: error: --cf ")

@@ -8,9 +8,10 @@ allowed (`ConfigError`, exit status 2 from the CLI).
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Optional
 
 import yaml
@@ -19,7 +20,8 @@ REQUIRED = object()
 
 FEDML_DATASETS = ("mnist", "femnist", "cifar10")
 DATASETS = ("digits",) + FEDML_DATASETS
-OPTIMIZERS = ("FedAvg", "FedProx")
+OPTIMIZERS = ("FedAvg", "FedProx", "FedDPD")
+SUPPLEMENT_METHODS = ("FedDPD",)  # methods that run a server-side supplement step
 BACKENDS = ("sp",)
 
 
@@ -126,7 +128,31 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     # Plugin settings that are not FedML's.
     "run_args": {"output_dir": _str("runs"), "torch_threads": _int(0, 1)},  # 0 = torch default
+    "feddpd": {
+        "warmup_rounds": _int(0, 20),
+        "supplement_every": _int(1, 20),
+        "pool_per_class": _int(1, 64),
+        "discrepancy": _choice(("prob_gap", "ce_gap", "kl"), "prob_gap"),
+        "tau": _float(0.0, 1.0, default=0.5),
+        "supplement_ratio": _float(0.0, default=0.5),
+        "supplement_weight": _float(0.0, default=1.0),
+        "pair_quantile": _float(0.0, 0.5, default=0.25, low_open=True),
+        "oversample": _float(1.0, default=2.0),
+        "dpo": _bool(True),
+        "selection": _choice(("discrepancy", "random"), "discrepancy"),
+    },
 }
+
+# Sections validated by the dataclass that consumes them (its __post_init__ names the bad key).
+DATACLASS_SECTIONS = ("generator", "dpo_args")
+# Sections that stay out of FedML's flat `args` (their key names overlap FedML's, e.g. learning_rate).
+PLUGIN_SECTIONS = ("feddpd",) + DATACLASS_SECTIONS
+
+
+def _dataclass_for(section: str):
+    from .generation.config import DPOSettings, GeneratorConfig
+
+    return {"generator": GeneratorConfig, "dpo_args": DPOSettings}[section]
 
 
 def _type_ok(kind: type, value: Any) -> bool:
@@ -161,7 +187,8 @@ class RunConfig:
     flat: dict[str, Any] = field(init=False)
 
     def __post_init__(self):
-        self.flat = {k: v for sec in self.sections.values() for k, v in sec.items()}
+        self.flat = {k: v for name, sec in self.sections.items() if name not in PLUGIN_SECTIONS
+                     for k, v in sec.items()}
 
     def __getitem__(self, key: str) -> Any:
         return self.flat[key]
@@ -175,18 +202,26 @@ def validate(raw: Any, source: str = "<config>") -> RunConfig:
         raise ConfigError(f"{source}: expected a YAML mapping of sections (common_args, data_args, ...), "
                           f"got {type(raw).__name__}")
     sections: dict[str, dict[str, Any]] = {}
+    known = list(SCHEMA) + list(DATACLASS_SECTIONS)
     for name, body in raw.items():
-        if name not in SCHEMA:
-            raise ConfigError(f"{name}: unknown section{_suggest(str(name), SCHEMA)}; expected one of "
-                              + ", ".join(SCHEMA))
+        if name not in known:
+            raise ConfigError(f"{name}: unknown section{_suggest(str(name), known)}; expected one of "
+                              + ", ".join(known))
         if body is None:
             body = {}
         if not isinstance(body, dict):
             raise ConfigError(f"{name}: expected a mapping of keys, got {type(body).__name__}")
+        allowed = SCHEMA[name] if name in SCHEMA else [f.name for f in fields(_dataclass_for(name))]
         for key in body:
-            if key not in SCHEMA[name]:
-                raise ConfigError(f"{name}.{key}: unknown key{_suggest(str(key), SCHEMA[name])}; "
-                                  f"allowed: {', '.join(SCHEMA[name])}")
+            if key not in allowed:
+                raise ConfigError(f"{name}.{key}: unknown key{_suggest(str(key), allowed)}; "
+                                  f"allowed: {', '.join(allowed)}")
+    for name in DATACLASS_SECTIONS:
+        try:
+            # json round trip: tuples become lists so the resolved config dumps as plain YAML
+            sections[name] = json.loads(json.dumps(asdict(_dataclass_for(name)(**(raw.get(name) or {})))))
+        except ValueError as exc:
+            raise ConfigError(str(exc).splitlines()[0]) from None
     for name, keys in SCHEMA.items():
         body = raw.get(name) or {}
         out = sections[name] = {}

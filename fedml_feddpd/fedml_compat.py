@@ -118,8 +118,11 @@ class RoundHooks:
 
 
 def sp_api_class(federated_optimizer: str):
-    """FedML's own sp implementation of FedAvg / FedProx with the round hooks mixed in."""
-    if federated_optimizer == "FedAvg":
+    """FedML's own sp implementation of FedAvg / FedProx with the round hooks mixed in. Methods with a
+    supplement step (FedDPD, ...) are FedAvg with a server hook and a supplement-aware trainer."""
+    from .config import SUPPLEMENT_METHODS
+
+    if federated_optimizer == "FedAvg" or federated_optimizer in SUPPLEMENT_METHODS:
         from fedml.simulation.sp.fedavg.fedavg_api import FedAvgAPI as base
     elif federated_optimizer == "FedProx":
         from fedml.simulation.sp.fedprox.fedprox_trainer import FedProxTrainer as base
@@ -129,7 +132,19 @@ def sp_api_class(federated_optimizer: str):
 
 
 def build_sp_api(federated_optimizer: str, args, device, dataset, model):
+    """simulation/simulator.py:41 builds FedAvgAPI bare and drops custom trainers, so we build
+    FedML's API class ourselves and, for supplement methods, swap in the supplement-aware trainer."""
+    from .config import SUPPLEMENT_METHODS
+
     cls = sp_api_class(federated_optimizer)
-    if federated_optimizer == "FedAvg":  # the two constructors take their arguments in different orders
-        return cls(args, device, dataset, model)
-    return cls(dataset, model, device, args)
+    if federated_optimizer == "FedProx":  # the two constructors take their arguments in different orders
+        return cls(dataset, model, device, args)
+    api = cls(args, device, dataset, model)
+    if federated_optimizer in SUPPLEMENT_METHODS:
+        from .trainer import SupplementedTrainer
+
+        # fedavg_api.py:43 creates one ModelTrainerCLS shared by all clients (:56-63); replace it everywhere.
+        api.model_trainer = SupplementedTrainer(model, args)
+        for client in api.client_list:
+            client.model_trainer = api.model_trainer
+    return api

@@ -8,10 +8,13 @@ import shutil
 import tempfile
 import time
 from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .config import RunConfig
+import numpy as np
+
+from .config import SUPPLEMENT_METHODS, RunConfig
 
 PACKAGES = ("fedml", "torch", "diffusers", "peft", "trl", "numpy", "scikit-learn", "fedml-feddpd")
 
@@ -56,6 +59,7 @@ class RoundRecorder:
         self.api, self.model, self.data = api, model, data
         self.eval_every, self.rounds = eval_every, rounds
         self.records: list[dict] = []
+        self.server_step = None
         self.bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not show_progress)
         self._round_start = time.perf_counter()
 
@@ -64,6 +68,8 @@ class RoundRecorder:
 
         record = {"round": round_idx, "clients": list(self.api.round_clients),
                   "client_seconds": self.api.client_seconds, "server_seconds": self.api.server_seconds}
+        if self.server_step is not None and round_idx in self.server_step.log:
+            record["server_step"] = self.server_step.log[round_idx]
         if round_idx % self.eval_every == 0 or round_idx == self.rounds - 1:
             test = evaluate(self.model, self.data.test_batches, self.data.class_num)
             train = evaluate(self.model, self.data.train_batches, self.data.class_num)
@@ -78,11 +84,21 @@ class RoundRecorder:
         self.bar.update(1)
 
 
-def run(cfg: RunConfig, out_dir: Optional[str | os.PathLike] = None, show_progress: bool = True) -> dict:
-    """Run one configuration to the end and write metrics.json + config.yaml into `out_dir`.
+@dataclass
+class Experiment:
+    """A run assembled and ready: FedML's API with our hooks, the data, the model and the recorder."""
 
-    Outputs are written to a temporary sibling folder and moved into place only on success.
-    """
+    cfg: RunConfig
+    args: object
+    data: object
+    model: object
+    api: object
+    recorder: RoundRecorder
+    generator_info: Optional[dict] = None
+    started: float = 0.0
+
+
+def prepare(cfg: RunConfig, show_progress: bool = True) -> Experiment:
     started = time.perf_counter()
     from .fedml_compat import build_sp_api, init_fedml
 
@@ -102,31 +118,78 @@ def run(cfg: RunConfig, out_dir: Optional[str | os.PathLike] = None, show_progre
     device = torch.device("cuda" if args.using_gpu and torch.cuda.is_available() else "cpu")
     api = build_sp_api(args.federated_optimizer, args, device, data.fedml_dataset, model)
     recorder = RoundRecorder(api, model, data, args.eval_every, args.comm_round, show_progress)
-    api.install_round_hooks(recorder)
+    generator_info = None
+    if args.federated_optimizer in SUPPLEMENT_METHODS:
+        recorder.server_step, generator_info = attach_server_step(cfg, args, data, model, api, show_progress)
+    api.install_round_hooks(recorder, after_aggregation=recorder.server_step)
+    return Experiment(cfg, args, data, model, api, recorder, generator_info, started)
+
+
+def execute(exp: Experiment) -> dict:
+    """Run FedML's round loop to the end and collect the results."""
     try:
-        api.train()
+        exp.api.train()
     finally:
-        recorder.bar.close()
-    evaluated = [r for r in recorder.records if "top1" in r]
-    result = {
+        exp.recorder.bar.close()
+    args, data, records = exp.args, exp.data, exp.recorder.records
+    evaluated = [r for r in records if "top1" in r]
+    return {
         "method": args.federated_optimizer,
         "dataset": args.dataset,
         "seed": args.random_seed,
         "final": {k: evaluated[-1][k] for k in ("top1", "balanced_accuracy", "per_class_accuracy",
                                                 "train_loss", "test_loss")},
-        "rounds": recorder.records,
-        "client_seconds_total": sum(r["client_seconds"] for r in recorder.records),
-        "server_seconds_total": sum(r["server_seconds"] for r in recorder.records),
-        "wall_seconds": time.perf_counter() - started,
+        "rounds": records,
+        "client_seconds_total": sum(r["client_seconds"] for r in records),
+        "server_seconds_total": sum(r["server_seconds"] for r in records),
+        "wall_seconds": time.perf_counter() - exp.started,
+        "generator": exp.generator_info,
         "data": {"train_samples": data.fedml_dataset[0], "test_samples": data.fedml_dataset[1],
+                 "test_class_counts": np.bincount(np.concatenate([y.numpy() for _, y in data.test_batches]),
+                                                  minlength=data.class_num).tolist(),
                  "client_samples": {str(k): int(v) for k, v in data.fedml_dataset[4].items()},
                  "client_label_histograms": (data.client_histograms.tolist()
                                              if data.client_histograms is not None else None)},
         "versions": package_versions(),
-        "config": cfg.sections,
+        "config": exp.cfg.sections,
     }
+
+
+def run(cfg: RunConfig, out_dir: Optional[str | os.PathLike] = None, show_progress: bool = True) -> dict:
+    """Run one configuration to the end and write metrics.json + config.yaml into `out_dir`
+    (built in a temporary sibling folder and moved into place only on success)."""
+    result = execute(prepare(cfg, show_progress))
     write_outputs(Path(out_dir) if out_dir else default_out_dir(cfg), result, cfg)
     return result
+
+
+def attach_server_step(cfg: RunConfig, args, data, model, api, show_progress: bool):
+    """The server-side supplement step for FedDPD-like methods, wired to FedML's sp API.
+
+    Delivery replaces the client's entry in `api.train_data_local_dict`, which FedML's round loop
+    re-reads every round (fedavg_api.py:90-95); the client then trains on real data + supplement.
+    """
+    from .generation import DPOSettings, GeneratorConfig, load_or_pretrain_generator
+    from .supplement import FedDPDPolicy, FedDPDSettings, GeneratorService, Scorer, ServerStep
+    from .trainer import tensors_of, with_supplement
+
+    if data.public is None:
+        raise ValueError(f"data_args.dataset: {args.federated_optimizer} needs a public split for the server's "
+                         "generator; only dataset: digits provides one")
+    gen_cfg = GeneratorConfig(**cfg.sections["generator"])
+    generator = load_or_pretrain_generator(gen_cfg, *data.public, seed=int(args.random_seed), progress=show_progress)
+    service = GeneratorService(generator, DPOSettings(**cfg.sections["dpo_args"]), gen_cfg.sample_steps)
+    settings = FedDPDSettings(**cfg.sections["feddpd"])
+    policy = FedDPDPolicy(settings, data.class_num, int(args.random_seed))
+    real = {cid: tensors_of(loader) for cid, loader in api.train_data_local_dict.items()}
+
+    def deliver(cid: int, supplement) -> None:
+        api.train_data_local_dict[cid] = with_supplement(real[cid], supplement, settings.supplement_weight,
+                                                         args.batch_size, seed=int(args.random_seed) * 1000 + cid)
+
+    step = ServerStep(policy, Scorer(model), service, args.comm_round - 1, deliver)
+    info = {"source": generator.source, "path": generator.path, "seconds": generator.seconds}
+    return step, info
 
 
 def write_outputs(out_dir: Path, result: dict, cfg: RunConfig) -> None:

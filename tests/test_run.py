@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, shrink
 
 GUARDED_RUN = """
 import sys
@@ -50,8 +50,7 @@ def fedavg_two_rounds(tmp_path_factory):
     from fedml_feddpd.config import load_config
     from fedml_feddpd.runner import run
 
-    raw = yaml.safe_load(open(os.path.join(ROOT, "configs", "digits_fedavg.yaml")))
-    raw["train_args"]["comm_round"] = 2
+    raw = shrink(yaml.safe_load(open(os.path.join(ROOT, "configs", "digits_fedavg.yaml"))))
     path = tmp_path_factory.mktemp("cfg") / "fedavg2.yaml"
     path.write_text(yaml.safe_dump(raw))
     out = tmp_path_factory.mktemp("run") / "fedavg"
@@ -60,8 +59,11 @@ def fedavg_two_rounds(tmp_path_factory):
 
 def test_two_round_fedavg_beats_chance(fedavg_two_rounds):
     result, _ = fedavg_two_rounds
-    # Chance on the imbalanced test set is the largest class share (~25%); uniform guessing is 10%.
-    assert result["final"]["top1"] > 0.30
+    # Chance on the imbalanced test set: the majority-class share (~25%); uniform guessing is 10%.
+    counts = result["data"]["test_class_counts"]
+    majority = max(counts) / sum(counts)
+    assert 0.2 < majority < 0.3
+    assert result["final"]["top1"] > majority + 0.15
     assert len(result["rounds"]) == 2
 
 
@@ -88,4 +90,4 @@ def test_fedprox_runs_fedmls_own_trainer(tmp_path, make_config):
 
     assert issubclass(sp_api_class("FedProx"), FedProxTrainer)
     result = run(make_config(federated_optimizer="FedProx", fedprox_mu=0.5), tmp_path / "p", show_progress=False)
-    assert result["method"] == "FedProx" and result["final"]["top1"] > 0.30
+    assert result["method"] == "FedProx" and result["final"]["top1"] > 0.40

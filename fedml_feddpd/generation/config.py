@@ -1,0 +1,133 @@
+"""Settings of the server's generator and of the per-client Diffusion-DPO step.
+
+Field names mirror the YAML keys (`generator:` and `dpo_args:`) so the config loader can pass sections
+through unchanged; every check raises a one-line ValueError naming the YAML path of the field.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Tuple
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+# Module names of UNet2DModel that PEFT's LoRA can wrap (attention projections and resnet convs).
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "time_emb_proj", "conv1", "conv2", "conv_shortcut")
+
+
+def _int(prefix: str, name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{prefix}.{name}: expected an integer >= {minimum}, got {value!r}")
+
+
+def _positive(prefix: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{prefix}.{name}: expected a number > 0, got {value!r}")
+
+
+def _unit(prefix: str, name: str, value, closed_top: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and 0.0 <= value and (value <= 1.0 if closed_top else value < 1.0)
+    if not ok:
+        bracket = "]" if closed_top else ")"
+        raise ValueError(f"{prefix}.{name}: expected a number in [0, 1{bracket}, got {value!r}")
+
+
+def _choice(prefix: str, name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{prefix}.{name}: expected one of {', '.join(allowed)}, got {value!r}")
+
+
+@dataclass
+class GeneratorConfig:
+    """Class-conditional diffusers UNet and its schedulers; defaults fit 8x8 digits."""
+
+    num_classes: int = 10
+    sample_size: int = 8
+    in_channels: int = 1
+    block_out_channels: Tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+    attention_head_dim: int = 16
+    train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    pretrain_steps: int = 1200
+    pretrain_batch_size: int = 128
+    pretrain_lr: float = 2e-3
+    ema_decay: float = 0.995
+    label_dropout: float = 0.1
+    sample_steps: int = 50
+    pretrained: Optional[str] = None
+    cache_dir: str = "~/.cache/fedml_feddpd/generators"
+
+    def __post_init__(self):
+        p = "generator"
+        for name, minimum in (("num_classes", 1), ("sample_size", 1), ("in_channels", 1), ("layers_per_block", 1),
+                              ("norm_num_groups", 1), ("attention_head_dim", 1), ("train_timesteps", 2),
+                              ("pretrain_steps", 0), ("pretrain_batch_size", 1), ("sample_steps", 1)):
+            _int(p, name, getattr(self, name), minimum)
+        if isinstance(self.block_out_channels, (str, bytes)) or not hasattr(self.block_out_channels, "__iter__"):
+            raise ValueError(f"{p}.block_out_channels: expected a list of integers, got {self.block_out_channels!r}")
+        self.block_out_channels = tuple(self.block_out_channels)
+        chans = self.block_out_channels
+        if not chans or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 or c % self.norm_num_groups
+                            or c % self.attention_head_dim for c in chans):
+            raise ValueError(f"{p}.block_out_channels: expected a non-empty list of integers divisible by "
+                             f"norm_num_groups ({self.norm_num_groups}) and attention_head_dim "
+                             f"({self.attention_head_dim}), got {list(chans)!r}")
+        if self.sample_size % (2 ** (len(chans) - 1)):
+            raise ValueError(f"{p}.sample_size: expected a multiple of {2 ** (len(chans) - 1)} "
+                             f"(one halving per extra block), got {self.sample_size}")
+        if self.sample_steps > self.train_timesteps:
+            raise ValueError(f"{p}.sample_steps: expected an integer <= train_timesteps "
+                             f"({self.train_timesteps}), got {self.sample_steps}")
+        _choice(p, "beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        _positive(p, "pretrain_lr", self.pretrain_lr)
+        _unit(p, "ema_decay", self.ema_decay, closed_top=False)
+        _unit(p, "label_dropout", self.label_dropout, closed_top=False)
+        if self.pretrained is not None and (not isinstance(self.pretrained, str) or not self.pretrained):
+            raise ValueError(f"{p}.pretrained: expected a path to a local diffusers UNet folder or null, "
+                             f"got {self.pretrained!r}")
+        if not isinstance(self.cache_dir, str) or not self.cache_dir:
+            raise ValueError(f"{p}.cache_dir: expected a non-empty path, got {self.cache_dir!r}")
+
+    @property
+    def null_class(self) -> int:
+        """Label used for label dropout (unconditional); the UNet embeds num_classes + 1 labels."""
+        return self.num_classes
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["block_out_channels"] = list(self.block_out_channels)
+        return d
+
+
+@dataclass
+class DPOSettings:
+    """Hyperparameters of one client's Diffusion-DPO adapter (mapped onto a trl.DPOConfig)."""
+
+    beta: float = 2000.0
+    loss_type: str = "sigmoid"
+    learning_rate: float = 3e-4
+    max_steps: int = 200
+    batch_size: int = 32
+    lora_rank: int = 4
+    lora_alpha: float = 4
+    target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
+    seed: int = 0
+
+    def __post_init__(self):
+        p = "dpo_args"
+        _positive(p, "beta", self.beta)
+        _choice(p, "loss_type", self.loss_type, LOSS_TYPES)
+        _positive(p, "learning_rate", self.learning_rate)
+        _int(p, "max_steps", self.max_steps, 1)
+        _int(p, "batch_size", self.batch_size, 1)
+        _int(p, "lora_rank", self.lora_rank, 1)
+        _positive(p, "lora_alpha", self.lora_alpha)
+        _int(p, "seed", self.seed, 0)
+        targets = self.target_modules
+        if isinstance(targets, str) or not isinstance(targets, (list, tuple)) or not targets \
+                or any(t not in LORA_TARGETS for t in targets):
+            raise ValueError(f"{p}.target_modules: expected a non-empty list drawn from "
+                             f"{', '.join(LORA_TARGETS)}, got {targets!r}")
+        self.target_modules = list(targets)

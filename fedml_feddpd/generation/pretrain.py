@@ -1,0 +1,200 @@
+"""Pretrain the server's generator on its public split, cached on disk; or load a user's pretrained UNet."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from .config import GeneratorConfig
+from .unet import GeneratorUNet, build_train_scheduler, build_unet, check_matches, load_train_scheduler, load_unet
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+META_FILE = "feddpd_generator.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+# Architecture keys a cached config.json must reproduce exactly; anything else (diffusers version) may differ.
+ARCH_KEYS = ("sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block", "norm_num_groups",
+             "down_block_types", "up_block_types", "attention_head_dim", "num_class_embeds")
+# Fields that do not change the trained weights, so changing them must not invalidate a cache.
+_NOT_IN_KEY = ("sample_steps", "pretrained", "cache_dir")
+
+
+@dataclass
+class ServerGenerator:
+    """A ready generator: frozen UNet, its training-noise scheduler, and where it came from."""
+
+    unet: GeneratorUNet
+    scheduler: DDPMScheduler
+    source: str  # "trained", "cache" or "pretrained"
+    path: Optional[str]
+    seconds: float
+    final_loss: Optional[float] = None
+
+
+def data_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in (images.detach().to(torch.float32).contiguous().cpu(), labels.detach().to(torch.int64).contiguous().cpu()):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(cfg: GeneratorConfig, images: torch.Tensor, labels: torch.Tensor, seed: int) -> str:
+    spec = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_KEY}
+    blob = json.dumps({"format": CACHE_FORMAT, "config": spec, "data": data_fingerprint(images, labels), "seed": seed},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_data(images: torch.Tensor, labels: torch.Tensor, cfg: GeneratorConfig) -> None:
+    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    if images.ndim != 4 or tuple(images.shape[1:]) != shape:
+        raise ValueError(f"generator data: expected images of shape (N, {', '.join(map(str, shape))}), "
+                         f"got {tuple(images.shape)}")
+    if labels.ndim != 1 or len(labels) != len(images) or len(images) == 0:
+        raise ValueError(f"generator data: expected {len(images)} labels (N,) for N >= 1 images, "
+                         f"got shape {tuple(labels.shape)}")
+    if int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes:
+        raise ValueError(f"generator data: labels must lie in 0..{cfg.num_classes - 1}, "
+                         f"got {int(labels.min())}..{int(labels.max())}")
+
+
+def _arch(config) -> dict:
+    return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in ((k, config[k]) for k in ARCH_KEYS)}
+
+
+def _load_cached(folder: str, key: str, cfg: GeneratorConfig) -> GeneratorUNet:
+    """Load a cache entry, raising ValueError if anything about it is off (never use a doubtful cache)."""
+    meta_path, weights = os.path.join(folder, META_FILE), os.path.join(folder, WEIGHTS_FILE)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        with open(os.path.join(folder, "config.json")) as f:
+            saved_config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"unreadable metadata ({type(exc).__name__})") from exc
+    if meta.get("key") != key:
+        raise ValueError("metadata key does not match the config/data/seed")
+    expected = _arch(build_unet(cfg).config)
+    if _arch(saved_config) != expected:
+        raise ValueError("config.json does not match the generator config")
+    if not os.path.isfile(weights) or _file_sha256(weights) != meta.get("weights_sha256"):
+        raise ValueError("weights file missing or its checksum differs")
+    unet = GeneratorUNet.from_pretrained(folder, local_files_only=True)
+    return unet
+
+
+def _save_cache(unet: GeneratorUNet, folder: str, meta: dict) -> None:
+    root = os.path.dirname(folder)
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=root, prefix=f".{os.path.basename(folder)}.tmp-")
+    try:
+        unet.save_pretrained(tmp, safe_serialization=True)
+        meta = dict(meta, weights_sha256=_file_sha256(os.path.join(tmp, WEIGHTS_FILE)))
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+        if os.path.exists(folder):  # a concurrent run finished first; its entry is equivalent
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def train_unet(cfg: GeneratorConfig, images: torch.Tensor, labels: torch.Tensor, seed: int = 0,
+               progress: bool = True) -> tuple:
+    """Denoising training with label dropout and EMA; returns (EMA UNet, scheduler, last-100-step mean loss)."""
+    torch.manual_seed(seed)
+    unet, scheduler = build_unet(cfg), build_train_scheduler(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    x_all = images.to(torch.float32) * 2.0 - 1.0
+    y_all = labels.to(torch.int64)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
+    lr_sched = get_cosine_schedule_with_warmup(opt, min(100, cfg.pretrain_steps // 10), max(cfg.pretrain_steps, 1))
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+    unet.train()
+    losses = []
+    bar = tqdm(range(cfg.pretrain_steps), desc="pretrain generator", disable=not progress, leave=False)
+    for step in bar:
+        idx = torch.randint(len(x_all), (cfg.pretrain_batch_size,), generator=gen)
+        x0, y = x_all[idx], y_all[idx].clone()
+        y[torch.rand(len(y), generator=gen) < cfg.label_dropout] = cfg.null_class
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
+        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t, class_labels=y).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        lr_sched.step()
+        ema.step(unet.parameters())
+        losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    ema.copy_to(unet.parameters())
+    final = sum(losses[-100:]) / len(losses[-100:]) if losses else None
+    return unet, scheduler, final
+
+
+def _frozen(unet: GeneratorUNet) -> GeneratorUNet:
+    unet.requires_grad_(False)
+    return unet.eval()
+
+
+def load_or_pretrain_generator(cfg: GeneratorConfig, images: torch.Tensor, labels: torch.Tensor, seed: int = 0,
+                               progress: bool = True) -> ServerGenerator:
+    """The server's generator: `cfg.pretrained` if set, else a cached or freshly trained UNet on (images, labels).
+
+    images: float32 (N, C, H, W) in [0, 1]; labels: int64 (N,) in 0..num_classes-1 (the public split).
+    """
+    start = time.perf_counter()
+    if cfg.pretrained is not None:
+        unet = load_unet(cfg.pretrained)
+        check_matches(unet, cfg)
+        return ServerGenerator(_frozen(unet), load_train_scheduler(cfg.pretrained, cfg), "pretrained", cfg.pretrained,
+                         time.perf_counter() - start)
+    _check_data(images, labels, cfg)
+    key = cache_key(cfg, images, labels, seed)
+    folder = os.path.join(os.path.expanduser(cfg.cache_dir), key)
+    if os.path.isdir(folder):
+        try:
+            unet = _load_cached(folder, key, cfg)
+            logger.info("generator loaded from cache %s", folder)
+            return ServerGenerator(_frozen(unet), build_train_scheduler(cfg), "cache", folder,
+                                   time.perf_counter() - start)
+        except Exception as exc:  # any failure to load means the entry is unusable, whatever raised it
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            msg = f"generator cache {folder} is unusable ({reason}); rebuilding it"
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            logger.warning(msg)
+            shutil.rmtree(folder, ignore_errors=True)
+    unet, scheduler, final = train_unet(cfg, images, labels, seed, progress)
+    meta = {"key": key, "format": CACHE_FORMAT, "seed": seed, "data_sha256": data_fingerprint(images, labels),
+            "generator_config": cfg.to_dict(), "final_loss": final, "steps": cfg.pretrain_steps}
+    _save_cache(unet, folder, meta)
+    logger.info("generator trained in %.1fs and cached at %s", time.perf_counter() - start, folder)
+    return ServerGenerator(_frozen(unet), scheduler, "trained", folder, time.perf_counter() - start, final)

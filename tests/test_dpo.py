@@ -1,0 +1,167 @@
+"""Diffusion-DPO through TRL: loss equals the formula, only the named adapter moves, preferences steer samples."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sklearn.svm import SVC
+
+from fedml_feddpd.generation import (
+    DPOSettings, GeneratorConfig, active_adapter, adapter_parameters, adapters_disabled, add_adapter,
+    build_train_scheduler, build_unet, load_or_pretrain_generator, sample, using_adapter,
+)
+from fedml_feddpd.generation.dpo import PairCollator, build_dpo_trainer, train_dpo_adapter
+
+torch.set_num_threads(1)
+
+
+def tiny():
+    cfg = GeneratorConfig(block_out_channels=(8, 16), attention_head_dim=8)
+    torch.manual_seed(0)
+    return build_unet(cfg).eval(), build_train_scheduler(cfg)
+
+
+def random_pairs(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 8, 8, generator=g), torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,),
+                                                                                                      generator=g)
+
+
+def hand_loss(unet, scheduler, batch, beta, loss_type):
+    """DESIGN.md step 5, written out independently of TRL."""
+    x0, y, t, e = batch["x0"], batch["class_labels"], batch["timesteps"], batch["noise"]
+    x_t = scheduler.add_noise(x0, e, t)
+    with torch.no_grad():
+        err = ((e - unet(x_t, t, class_labels=y).sample) ** 2).mean(dim=(1, 2, 3))
+        with adapters_disabled(unet):
+            err_ref = ((e - unet(x_t, t, class_labels=y).sample) ** 2).mean(dim=(1, 2, 3))
+    n = len(x0) // 2
+    m = (err[:n] - err_ref[:n]) - (err[n:] - err_ref[n:])
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(-beta * m).mean(), m
+    if loss_type == "hinge":
+        return torch.relu(1 + beta * m).mean(), m
+    return ((-m - 1 / (2 * beta)) ** 2).mean(), m
+
+
+@pytest.mark.parametrize("loss_type, beta", [("sigmoid", 2000.0), ("hinge", 2000.0), ("ipo", 2000.0),
+                                             ("sigmoid", 5.0)])
+def test_trl_loss_equals_diffusion_dpo_formula(tmp_path, loss_type, beta):
+    unet, sched = tiny()
+    chosen, rejected, labels = random_pairs(8)
+    settings = DPOSettings(loss_type=loss_type, beta=beta, batch_size=8, max_steps=1)
+    trainer = build_dpo_trainer(unet, sched, "c", chosen, rejected, labels, settings, str(tmp_path))
+    g = torch.Generator().manual_seed(3)
+    for p in adapter_parameters(unet, "c").values():
+        p.data.normal_(0.0, 0.02, generator=g)
+    batch = PairCollator(chosen, rejected, labels, 1000, seed=5)(list(range(8)))
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+    expected, margin = hand_loss(unet, sched, batch, beta, loss_type)
+    assert margin.abs().max() > 1e-5  # a non-trivial adapter, so the check is not log(2) == log(2)
+    assert abs(loss.item() - expected.item()) <= 1e-6 * max(1.0, abs(expected.item()))
+
+
+def test_training_changes_only_the_named_adapter(tmp_path):
+    unet, sched = tiny()
+    add_adapter(unet, "B", DPOSettings())
+    for p in adapter_parameters(unet, "B").values():
+        torch.nn.init.normal_(p, std=0.05)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    chosen, rejected, labels = random_pairs(12)
+    stats = train_dpo_adapter(unet, sched, "A", chosen, rejected, labels,
+                              DPOSettings(max_steps=4, batch_size=4, learning_rate=1e-2))
+    after = unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "base UNet or adapter B changed"
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in adapter_parameters(unet, "A").items()
+               if "lora_B" in n), "adapter A did not train"
+    assert active_adapter(unet) == "A"
+    assert stats["steps"] == 4 and stats["pairs"] == 12 and stats["seconds"] > 0
+    assert {"loss_first", "loss_final", "reward_accuracy", "reward_margin", "steps_per_second"} <= set(stats)
+
+
+def test_bad_pairs_are_rejected():
+    unet, sched = tiny()
+    chosen, rejected, labels = random_pairs(6)
+    with pytest.raises(ValueError, match="same non-zero length"):
+        train_dpo_adapter(unet, sched, "A", chosen, rejected[:5], labels, DPOSettings(max_steps=1))
+    with pytest.raises(ValueError, match="chosen must be a"):
+        train_dpo_adapter(unet, sched, "A", chosen[:, :, :4], rejected, labels, DPOSettings(max_steps=1))
+    with pytest.raises(ValueError, match="labels must lie"):
+        train_dpo_adapter(unet, sched, "A", chosen, rejected, labels + 20, DPOSettings(max_steps=1))
+
+
+# --- direction: preferring more ink makes the adapter draw more ink, and the reverse -------------------------------
+
+def digits():
+    d = load_digits()
+    return torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1), torch.tensor(d.target, dtype=torch.int64)
+
+
+def ink_pairs(x, y, seed=0):
+    """Within each class: chosen = an image with more ink than the class median, rejected = one with less."""
+    ink, g = x.mean(dim=(1, 2, 3)), torch.Generator().manual_seed(seed)
+    chosen, rejected, labels = [], [], []
+    for c in range(10):
+        idx = (y == c).nonzero().squeeze(1)
+        med = ink[idx].median()
+        hi, lo = idx[ink[idx] > med], idx[ink[idx] < med]
+        n = min(len(hi), len(lo))
+        chosen.append(x[hi[torch.randperm(len(hi), generator=g)[:n]]])
+        rejected.append(x[lo[torch.randperm(len(lo), generator=g)[:n]]])
+        labels.append(torch.full((n,), c))
+    return torch.cat(chosen), torch.cat(rejected), torch.cat(labels)
+
+
+def run_direction(gen_cfg, x_pub, y_pub, x_eval, y_eval, settings, per_class, steps):
+    gen = load_or_pretrain_generator(gen_cfg, x_pub, y_pub, seed=0, progress=False)
+    svc = SVC().fit(x_eval.reshape(len(x_eval), -1).numpy(), y_eval.numpy())
+    chosen, rejected, labels = ink_pairs(x_pub, y_pub)
+
+    def measure(adapter=None):
+        # Same seed => same starting noise for every model, so the ink shift is a paired comparison.
+        if adapter is None:
+            with adapters_disabled(gen.unet):
+                imgs, lab = sample(gen.unet, gen.scheduler, [per_class] * 10, steps=steps, seed=123)
+        else:
+            with using_adapter(gen.unet, adapter):
+                imgs, lab = sample(gen.unet, gen.scheduler, [per_class] * 10, steps=steps, seed=123)
+        agree = float(np.mean(svc.predict(imgs.reshape(len(imgs), -1).numpy()) == lab.numpy()))
+        return float(imgs.mean()), agree
+
+    base = measure()
+    train_dpo_adapter(gen.unet, gen.scheduler, "more_ink", chosen, rejected, labels, settings)
+    train_dpo_adapter(gen.unet, gen.scheduler, "less_ink", rejected, chosen, labels, settings)
+    return base, measure("more_ink"), measure("less_ink")
+
+
+def test_dpo_direction_small(tmp_path_factory):
+    """Default-suite version: a small generator pretrained here on all digits, short DPO runs."""
+    x, y = digits()
+    cfg = GeneratorConfig(block_out_channels=(16, 32), attention_head_dim=16, pretrain_steps=600,
+                          pretrain_batch_size=64, pretrain_lr=3e-3, cache_dir=str(tmp_path_factory.mktemp("gen")))
+    settings = DPOSettings(max_steps=40, batch_size=16, learning_rate=5e-4, seed=0)
+    (ink0, agree0), (ink_up, agree_up), (ink_dn, agree_dn) = run_direction(cfg, x, y, x, y, settings, 20, 25)
+    print(f"ink base {ink0:.4f} up {ink_up:.4f} down {ink_dn:.4f}; "
+          f"agreement {agree0:.2f} {agree_up:.2f} {agree_dn:.2f}")
+    assert ink_up > ink0 + 0.005, (ink0, ink_up)
+    assert ink_dn < ink0 - 0.005, (ink0, ink_dn)
+    assert min(agree0, agree_up, agree_dn) >= 0.85, (agree0, agree_up, agree_dn)
+
+
+@pytest.mark.slow
+def test_dpo_direction_full_size(tmp_path_factory):
+    """Default generator and DPO settings; public split = stratified 20% of digits, SVC fit on the rest."""
+    x, y = digits()
+    idx_pub, idx_rest = train_test_split(np.arange(len(y)), train_size=0.2, stratify=y.numpy(), random_state=0)
+    cache = os.environ.get("FEDDPD_TEST_GENERATOR_CACHE") or str(tmp_path_factory.mktemp("gen_full"))
+    cfg = GeneratorConfig(cache_dir=cache)
+    base, up, down = run_direction(cfg, x[idx_pub], y[idx_pub], x[idx_rest], y[idx_rest], DPOSettings(seed=0),
+                                   30, 50)
+    print(f"ink base {base[0]:.4f} up {up[0]:.4f} down {down[0]:.4f}; "
+          f"agreement {base[1]:.2f} {up[1]:.2f} {down[1]:.2f}")
+    assert up[0] > base[0] + 0.01 and down[0] < base[0] - 0.01
+    assert min(base[1], up[1], down[1]) >= 0.85

@@ -1,0 +1,250 @@
+"""Generator: config checks, sampling, on-disk cache, LoRA adapters (no TRL here)."""
+import glob
+import json
+import os
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from fedml_feddpd.generation import (
+    DPOSettings, GeneratorConfig, active_adapter, adapter_names, adapter_parameters, adapter_size, adapters_disabled,
+    add_adapter, build_train_scheduler, build_unet, delete_adapter, load_adapter, load_or_pretrain_generator, sample,
+    save_adapter, set_active_adapter, using_adapter,
+)
+from fedml_feddpd.generation.pretrain import META_FILE, WEIGHTS_FILE
+
+torch.set_num_threads(1)
+
+
+def tiny_cfg(tmp_path, **kw):
+    base = dict(block_out_channels=(8, 16), attention_head_dim=8, pretrain_steps=3, pretrain_batch_size=16,
+                cache_dir=str(tmp_path / "cache"))
+    base.update(kw)
+    return GeneratorConfig(**base)
+
+
+def tiny_data(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 8, 8, generator=g), torch.arange(n) % 10
+
+
+def probe(unet):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 1, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 250, 500, 750, 999])
+    with torch.no_grad():
+        return unet(x, t, class_labels=torch.tensor([0, 1, 2, 3, 9, 10])).sample
+
+
+def plain_unet():
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=8,
+                       layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8, num_class_embeds=11)
+
+
+def snapshot(unet):
+    return {k: v.detach().clone() for k, v in unet.state_dict().items()}
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(sample_steps=0), "generator.sample_steps"),
+    (dict(block_out_channels=(12, 64)), "generator.block_out_channels"),
+    (dict(beta_schedule="cosine"), "generator.beta_schedule"),
+    (dict(label_dropout=1.0), "generator.label_dropout"),
+    (dict(sample_size=9), "generator.sample_size"),
+])
+def test_generator_config_rejects_bad_values(kw, field):
+    with pytest.raises(ValueError, match=field) as err:
+        GeneratorConfig(**kw)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(loss_type="kto"), "dpo_args.loss_type"), (dict(beta=0), "dpo_args.beta"),
+    (dict(batch_size=0), "dpo_args.batch_size"), (dict(target_modules=["lm_head"]), "dpo_args.target_modules"),
+])
+def test_dpo_settings_reject_bad_values(kw, field):
+    with pytest.raises(ValueError, match=field):
+        DPOSettings(**kw)
+
+
+def test_config_accepts_yaml_lists():
+    assert GeneratorConfig(block_out_channels=[32, 64]).block_out_channels == (32, 64)
+
+
+def test_sampling_is_deterministic_with_right_shapes_and_labels(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    torch.manual_seed(0)
+    unet = build_unet(cfg).eval()
+    sched = build_train_scheduler(cfg)
+    a, la = sample(unet, sched, [2, 0, 3] + [0] * 7, steps=5, seed=11, batch_size=4)
+    b, lb = sample(unet, cfg, {2: 3, 0: 2}, steps=5, seed=11, batch_size=4)
+    c, _ = sample(unet, sched, [2, 0, 3] + [0] * 7, steps=5, seed=12, batch_size=4)
+    assert a.shape == (5, 1, 8, 8) and a.dtype == torch.float32
+    assert la.tolist() == [0, 0, 2, 2, 2] and torch.equal(la, lb)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    with pytest.raises(ValueError, match="class 10"):
+        sample(unet, cfg, {10: 1}, steps=2)
+
+
+def test_cache_second_call_loads(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    x, y = tiny_data()
+    first = load_or_pretrain_generator(cfg, x, y, seed=1, progress=False)
+    second = load_or_pretrain_generator(cfg, x, y, seed=1, progress=False)
+    assert (first.source, second.source) == ("trained", "cache")
+    assert first.path == second.path
+    assert all(torch.equal(v, second.unet.state_dict()[k]) for k, v in first.unet.state_dict().items())
+    assert not any(p.requires_grad for p in second.unet.parameters())
+    # Another seed or other data is another generator; sample_steps does not change the weights.
+    assert load_or_pretrain_generator(cfg, x, y, seed=2, progress=False).source == "trained"
+    cfg_steps = tiny_cfg(tmp_path, sample_steps=10)
+    assert load_or_pretrain_generator(cfg_steps, x, y, seed=1, progress=False).source == "cache"
+
+
+def test_truncated_weights_are_rebuilt_with_warning(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    x, y = tiny_data()
+    first = load_or_pretrain_generator(cfg, x, y, progress=False)
+    weights = os.path.join(first.path, WEIGHTS_FILE)
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    with pytest.warns(RuntimeWarning, match="unusable"):
+        again = load_or_pretrain_generator(cfg, x, y, progress=False)
+    assert again.source == "trained"
+    assert load_or_pretrain_generator(cfg, x, y, progress=False).source == "cache"
+
+
+def test_mismatched_cached_config_is_rebuilt_with_warning(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    x, y = tiny_data()
+    first = load_or_pretrain_generator(cfg, x, y, progress=False)
+    path = os.path.join(first.path, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["block_out_channels"] = [16, 32]
+    with open(path, "w") as f:
+        json.dump(config, f)
+    with pytest.warns(RuntimeWarning, match="does not match"):
+        assert load_or_pretrain_generator(cfg, x, y, progress=False).source == "trained"
+    os.remove(os.path.join(first.path, META_FILE))
+    with pytest.warns(RuntimeWarning, match="unusable"):
+        assert load_or_pretrain_generator(cfg, x, y, progress=False).source == "trained"
+
+
+def test_failed_save_leaves_no_partial_cache(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path)
+    x, y = tiny_data()
+
+    def killed(self, *a, **k):
+        os.makedirs(a[0], exist_ok=True)
+        open(os.path.join(a[0], WEIGHTS_FILE), "wb").close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(UNet2DModel, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        load_or_pretrain_generator(cfg, x, y, progress=False)
+    assert glob.glob(str(tmp_path / "cache" / "*")) + glob.glob(str(tmp_path / "cache" / ".*")) == []
+
+
+def test_pretrained_folder_loads_and_bad_paths_fail_clearly(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    torch.manual_seed(3)
+    plain = plain_unet()
+    plain.save_pretrained(tmp_path / "user_unet")
+    gen = load_or_pretrain_generator(tiny_cfg(tmp_path, pretrained=str(tmp_path / "user_unet")), None, None)
+    assert gen.source == "pretrained"
+    assert torch.equal(probe(gen.unet), probe(plain.eval()))
+    add_adapter(gen.unet, "k", DPOSettings())  # a user's plain UNet2DModel still takes adapters
+    # A pipeline folder: unet/ plus the scheduler it was trained with, which overrides the config's schedule.
+    plain.save_pretrained(tmp_path / "pipe" / "unet")
+    DDPMScheduler(num_train_timesteps=500, beta_schedule="linear").save_pretrained(tmp_path / "pipe" / "scheduler")
+    piped = load_or_pretrain_generator(tiny_cfg(tmp_path, pretrained=str(tmp_path / "pipe")), None, None)
+    assert piped.scheduler.config.num_train_timesteps == 500 and piped.scheduler.config.beta_schedule == "linear"
+    assert torch.equal(probe(piped.unet), probe(plain))
+    with pytest.raises(ValueError, match=r"generator.pretrained: .*\(no config.json\)"):
+        load_or_pretrain_generator(tiny_cfg(tmp_path, pretrained=str(tmp_path / "missing")), None, None)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="generator.pretrained: cannot load"):
+        load_or_pretrain_generator(tiny_cfg(tmp_path, pretrained=str(tmp_path / "broken")), None, None)
+    with pytest.raises(ValueError, match="num_classes"):
+        load_or_pretrain_generator(tiny_cfg(tmp_path, pretrained=str(tmp_path / "user_unet"), num_classes=12),
+                                   None, None)
+
+
+def test_adapters_isolated_disable_reproduces_base(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    torch.manual_seed(0)
+    unet = build_unet(cfg).eval()
+    base_out = probe(unet)
+    add_adapter(unet, "A", DPOSettings())
+    add_adapter(unet, "B", DPOSettings(lora_rank=2))
+    assert adapter_names(unet) == ["A", "B"] and active_adapter(unet) == "B"
+    assert torch.equal(probe(unet), base_out)  # lora_B starts at zero
+    for p in adapter_parameters(unet, "B").values():
+        torch.nn.init.normal_(p, std=0.05)
+    before = snapshot(unet)
+    set_active_adapter(unet, "A")
+    trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
+    assert trainable == set(adapter_parameters(unet, "A")) and trainable
+    opt = torch.optim.Adam([p for p in unet.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        x = torch.randn(4, 1, 8, 8)
+        out = unet(x, torch.tensor([5, 50, 500, 900]), class_labels=torch.tensor([1, 2, 3, 4])).sample
+        out.pow(2).mean().backward()
+        opt.step()
+    after = snapshot(unet)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".A." in k for k in changed), changed
+    with adapters_disabled(unet):
+        assert active_adapter(unet) is None
+        assert torch.equal(probe(unet), base_out)
+    assert active_adapter(unet) == "A"
+    assert {n for n, p in unet.named_parameters() if p.requires_grad} == trainable
+    with using_adapter(unet, "B"):
+        out_b = probe(unet)
+    assert active_adapter(unet) == "A" and not torch.equal(out_b, base_out)
+    n_params, n_bytes = adapter_size(unet, "A")
+    assert n_params > 0 and n_bytes == 4 * n_params
+
+
+def test_adapter_save_load_round_trip_and_delete(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    torch.manual_seed(0)
+    unet = build_unet(cfg).eval()
+    torch.manual_seed(0)
+    other = build_unet(cfg).eval()
+    add_adapter(unet, "A", DPOSettings())
+    add_adapter(unet, "B", DPOSettings())
+    for name in ("A", "B"):
+        for p in adapter_parameters(unet, name).values():
+            torch.nn.init.normal_(p, std=0.05)
+    set_active_adapter(unet, "A")
+    out_a = probe(unet)
+    path = save_adapter(unet, "A", str(tmp_path / "client_A"))
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        keys = list(f.keys())
+    assert keys and len(keys) == len(adapter_parameters(unet, "A"))  # A alone, not B
+    add_adapter(other, "B", DPOSettings())
+    load_adapter(other, "A", str(tmp_path / "client_A"))
+    assert active_adapter(other) == "A"
+    assert torch.equal(probe(other), out_a)
+    loaded = adapter_parameters(other, "A")
+    assert all(torch.equal(p, loaded[n]) for n, p in adapter_parameters(unet, "A").items())
+    with pytest.raises(ValueError, match="already exists"):
+        load_adapter(other, "A", str(tmp_path / "client_A"))
+    with pytest.warns(UserWarning, match="Adapter A was active"):  # PEFT falls back to B
+        delete_adapter(unet, "A")
+    assert adapter_names(unet) == ["B"] and not any(".A." in n for n, _ in unet.named_parameters())
+    with pytest.raises(KeyError, match="no adapter named 'A'"):
+        set_active_adapter(unet, "A")
+    with pytest.raises(FileNotFoundError):
+        load_adapter(other, "C", str(tmp_path / "nowhere"))
+    with pytest.raises(TypeError, match="cannot hold LoRA adapters"):
+        add_adapter(plain_unet(), "A", DPOSettings())

@@ -103,8 +103,11 @@ class RoundHooks:
         start = time.perf_counter()
         uploads = None
         if self._after_aggregation is not None:
-            # (client id, sample count, a private copy of the uploaded state dict)
-            uploads = [(cid, n, copy.deepcopy(w)) for cid, (n, w) in zip(self.round_clients, w_locals)]
+            from .supplement import ClientUpload
+
+            # What FedAvg already receives, nothing more: id, sample count, a private copy of the
+            # uploaded parameters.
+            uploads = [ClientUpload(cid, n, copy.deepcopy(w)) for cid, (n, w) in zip(self.round_clients, w_locals)]
         w_global = super()._aggregate(w_locals)
         if uploads is not None:
             self._after_aggregation(self.round_idx, w_global, uploads)

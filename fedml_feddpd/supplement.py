@@ -1,0 +1,208 @@
+"""The server-side step: after aggregation, choose a synthetic supplement for each client.
+
+FedDPD and the generative baselines differ only in *how the supplement is chosen*: each is a
+`SupplementPolicy`. `ServerStep` runs a policy at the rounds the config names, times it, and hands
+each client's supplement to a delivery callback (FedML glue decides how it travels). The step sees,
+per client, only what FedAvg already receives: the uploaded model parameters and the sample count.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .algorithm import (allocate_classes, build_pairs, client_budget, discrepancy, quality_gate,
+                        select_top)
+
+
+@dataclass(frozen=True)
+class ClientUpload:
+    """Everything the server step may know about a client: id, sample count, model parameters."""
+
+    client_id: int
+    num_samples: int
+    state_dict: dict
+
+
+@dataclass
+class Supplement:
+    images: torch.Tensor   # (B, C, H, W) in [0, 1]
+    labels: torch.Tensor   # (B,)
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.element_size() * self.images.numel() + self.labels.element_size() * self.labels.numel()
+
+
+@dataclass(frozen=True)
+class FedDPDSettings:
+    """The `feddpd:` YAML section (DESIGN.md section 1)."""
+
+    warmup_rounds: int = 20
+    supplement_every: int = 20
+    pool_per_class: int = 64
+    discrepancy: str = "prob_gap"
+    tau: float = 0.5
+    supplement_ratio: float = 0.5
+    supplement_weight: float = 1.0
+    pair_quantile: float = 0.25
+    oversample: float = 2.0
+    dpo: bool = True
+    selection: str = "discrepancy"
+
+    def due(self, round_idx: int, last_round: int) -> bool:
+        """Supplement after aggregation of this round? Never after the last one (nobody trains on it)."""
+        return (round_idx >= self.warmup_rounds and round_idx < last_round
+                and (round_idx - self.warmup_rounds) % self.supplement_every == 0)
+
+
+class Scorer:
+    """Class probabilities of candidates under the global model and a client's uploaded model."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = copy.deepcopy(model).eval()
+
+    @torch.no_grad()
+    def probs(self, state_dict: dict, images: torch.Tensor) -> np.ndarray:
+        self.model.load_state_dict(state_dict)
+        return torch.softmax(self.model(images), dim=1).numpy()
+
+
+class GeneratorService:
+    """What a policy needs from the generator: class-conditional sampling, with a client adapter
+    when one was trained, and Diffusion-DPO of a client adapter. Wraps fedml_feddpd.generation."""
+
+    def __init__(self, generator, dpo_settings, sample_steps: int):
+        self.generator, self.dpo_settings, self.sample_steps = generator, dpo_settings, sample_steps
+
+    def sample(self, class_counts, seed: int, adapter: Optional[str] = None):
+        from .generation import sample, using_adapter, adapters_disabled
+
+        unet = self.generator.unet
+        with (using_adapter(unet, adapter) if adapter else adapters_disabled(unet)):
+            return sample(unet, self.generator.scheduler, [int(c) for c in class_counts],
+                          steps=self.sample_steps, seed=seed)
+
+    def train_adapter(self, name: str, chosen, rejected, labels, seed: int) -> dict:
+        from dataclasses import replace
+
+        from .generation import add_adapter, delete_adapter, has_adapter, train_dpo_adapter
+
+        unet = self.generator.unet
+        settings = replace(self.dpo_settings, seed=seed)
+        if has_adapter(unet, name):  # a fresh adapter each time: preferences move with the models
+            delete_adapter(unet, name)
+        add_adapter(unet, name, settings)
+        return train_dpo_adapter(unet, self.generator.scheduler, name, chosen, rejected, labels, settings)
+
+
+class SupplementPolicy:
+    """Chooses each client's supplement. Subclasses override `build_supplements`."""
+
+    name = "policy"
+
+    def __init__(self, settings: FedDPDSettings, num_classes: int, seed: int):
+        self.settings, self.num_classes, self.seed = settings, num_classes, seed
+
+    def build_supplements(self, round_idx: int, global_state: dict, uploads: list[ClientUpload],
+                          scorer: Scorer, generator: GeneratorService, timer: "StageTimer") -> dict[int, Supplement]:
+        raise NotImplementedError
+
+
+class FedDPDPolicy(SupplementPolicy):
+    """Discrepancy-guided, DPO-adapted supplements (DESIGN.md section 1, steps 1-6)."""
+
+    name = "FedDPD"
+
+    def build_supplements(self, round_idx, global_state, uploads, scorer, generator, timer):
+        s = self.settings
+        rng = np.random.default_rng([self.seed, round_idx])
+        with timer("pool"):
+            pool_x, pool_y = generator.sample([s.pool_per_class] * self.num_classes,
+                                              seed=int(rng.integers(2**31)))
+        with timer("scoring"):
+            p_global = scorer.probs(global_state, pool_x)
+            gate = quality_gate(p_global, pool_y.numpy(), s.tau)
+        out = {}
+        for up in uploads:
+            budget = client_budget(up.num_samples, s.supplement_ratio)
+            if s.selection == "random":
+                pick = rng.choice(len(pool_y), size=min(budget, len(pool_y)), replace=False)
+                out[up.client_id] = self._supplement(pool_x[pick], pool_y[pick], budget, None)
+                continue
+            with timer("scoring"):
+                d = discrepancy(p_global, scorer.probs(up.state_dict, pool_x), pool_y.numpy(), s.discrepancy)
+                counts = allocate_classes(d, pool_y.numpy(), gate, budget, self.num_classes)
+            if not s.dpo or counts.sum() == 0:
+                pick = select_top(d, pool_y.numpy(), gate, counts)
+                out[up.client_id] = self._supplement(pool_x[pick], pool_y[pick], budget, counts)
+                continue
+            adapter = f"client_{up.client_id}"
+            with timer("dpo"):
+                chosen, rejected = build_pairs(d, pool_y.numpy(), gate, np.flatnonzero(counts), s.pair_quantile, rng)
+                dpo_stats = None
+                if len(chosen):
+                    dpo_stats = generator.train_adapter(adapter, pool_x[chosen], pool_x[rejected], pool_y[chosen],
+                                                        seed=int(rng.integers(2**31)))
+            with timer("generation"):
+                want = np.ceil(counts * s.oversample).astype(int)
+                gen_x, gen_y = generator.sample(want, seed=int(rng.integers(2**31)),
+                                                adapter=adapter if dpo_stats else None)
+            with timer("scoring"):
+                p_g = scorer.probs(global_state, gen_x)
+                d_gen = discrepancy(p_g, scorer.probs(up.state_dict, gen_x), gen_y.numpy(), s.discrepancy)
+                pick = select_top(d_gen, gen_y.numpy(), quality_gate(p_g, gen_y.numpy(), s.tau), counts)
+            sup = self._supplement(gen_x[pick], gen_y[pick], budget, counts)
+            sup.stats.update(dpo_pairs=int(len(chosen)),
+                             dpo={k: v for k, v in (dpo_stats or {}).items() if isinstance(v, (int, float))})
+            out[up.client_id] = sup
+        return out
+
+    def _supplement(self, x, y, budget, counts) -> Supplement:
+        return Supplement(x, y, {"budget": int(budget), "size": int(len(y)),
+                                 "allocation": None if counts is None else [int(c) for c in counts],
+                                 "classes": np.bincount(y.numpy(), minlength=self.num_classes).tolist()})
+
+
+class StageTimer:
+    """Seconds per named server stage (pool, scoring, dpo, generation) within one round."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+class ServerStep:
+    """Runs the policy after aggregation on the rounds the settings name and delivers supplements."""
+
+    def __init__(self, policy: SupplementPolicy, scorer: Scorer, generator: GeneratorService, last_round: int,
+                 deliver: Callable[[int, Supplement], None]):
+        self.policy, self.scorer, self.generator = policy, scorer, generator
+        self.last_round, self.deliver = last_round, deliver
+        self.log: dict[int, dict] = {}
+
+    def __call__(self, round_idx: int, global_state: dict, uploads: list[ClientUpload]) -> None:
+        if not self.policy.settings.due(round_idx, self.last_round):
+            return
+        timer = StageTimer()
+        supplements = self.policy.build_supplements(round_idx, global_state, uploads, self.scorer,
+                                                    self.generator, timer)
+        for cid, sup in supplements.items():
+            self.deliver(cid, sup)
+        self.log[round_idx] = {
+            "server_stage_seconds": timer.seconds,
+            "supplements": {str(cid): {**sup.stats, "bytes": sup.nbytes} for cid, sup in supplements.items()},
+        }

@@ -1,0 +1,52 @@
+"""Client side: FedML's classification trainer, extended to train on local data plus a supplement.
+
+Clients only train. Batches are (x, y) or (x, y, weight); synthetic samples carry the weight
+`feddpd.supplement_weight`, real ones 1.
+"""
+from __future__ import annotations
+
+import torch
+from fedml.ml.trainer.my_model_trainer_classification import ModelTrainerCLS
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class SupplementedTrainer(ModelTrainerCLS):
+    """`ModelTrainerCLS.train` (ml/trainer/my_model_trainer_classification.py:21) with a per-sample
+    loss weight; FedML's loop only unpacks (x, y). Optimizer choice is FedML's."""
+
+    def train(self, train_data, device, args):
+        model = self.model.to(device)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        if args.client_optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=args.learning_rate)
+        else:
+            optimizer = torch.optim.Adam(params, lr=args.learning_rate, weight_decay=args.weight_decay, amsgrad=True)
+        for _ in range(args.epochs):
+            for batch in train_data:
+                x, y = batch[0].to(device), batch[1].to(device).long()
+                model.zero_grad()
+                loss = F.cross_entropy(model(x), y, reduction="none")
+                if len(batch) > 2:
+                    loss = loss * batch[2].to(device)
+                loss.mean().backward()
+                optimizer.step()
+
+
+def tensors_of(batches) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*[(b[0], b[1]) for b in batches])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def with_supplement(real: tuple[torch.Tensor, torch.Tensor], supplement, weight: float, batch_size: int,
+                    seed: int) -> DataLoader:
+    """A client's loader over its real data plus the supplement, yielding (x, y, weight)."""
+    x, y = real
+    w = torch.ones(len(y))
+    if supplement is not None and len(supplement.labels):
+        x = torch.cat([x, supplement.images.to(x.dtype)])
+        y = torch.cat([y, supplement.labels.to(y.dtype)])
+        w = torch.cat([w, torch.full((len(supplement.labels),), float(weight))])
+    return DataLoader(TensorDataset(x, y, w), batch_size=batch_size, shuffle=True,
+                      generator=torch.Generator().manual_seed(seed))

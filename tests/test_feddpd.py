@@ -1,0 +1,127 @@
+"""FedDPD inside FedML's sp round loop: delivery, privacy boundary, clients never generate."""
+import collections
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, shrink
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """2 rounds, 4 clients, 2 per round; a supplement after round 0. The generator is tiny (a few
+    pretraining steps) and the gate is open (tau 0), so every client gets samples to check."""
+    from fedml_feddpd.config import validate
+    from fedml_feddpd.runner import prepare
+
+    raw = shrink(yaml.safe_load(open(os.path.join(ROOT, "configs", "digits_feddpd.yaml"))))
+    raw["train_args"].update(client_num_per_round=2)
+    raw["feddpd"].update(warmup_rounds=0, supplement_every=1, tau=0.0, pool_per_class=8, supplement_ratio=0.5)
+    raw["generator"].update(pretrain_steps=20, sample_steps=5, cache_dir=str(tmp_path_factory.mktemp("gen")))
+    raw["dpo_args"].update(max_steps=2, batch_size=4)
+    return prepare(validate(raw, "feddpd-test.yaml"), show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def traced(experiment):
+    """Run it while recording what crosses into the server step and what each client trains on."""
+    api, step = experiment.api, experiment.recorder.server_step
+    seen = {"uploads": [], "global": [], "trained": [], "generator_in_client": 0}
+    in_client = {"now": False}
+
+    original_call = step.__class__.__call__
+
+    def spy_step(self, round_idx, global_state, uploads):
+        seen["uploads"].append((round_idx, list(uploads)))
+        seen["global"].append(global_state)
+        return original_call(self, round_idx, global_state, uploads)
+
+    step.__call__ = spy_step.__get__(step)
+    api._after_aggregation = step.__call__
+
+    trainer = api.model_trainer
+    original_train = trainer.train
+
+    def spy_train(train_data, device, args):
+        in_client["now"] = True
+        try:
+            seen["trained"].append((trainer.id, train_data))
+            return original_train(train_data, device, args)
+        finally:
+            in_client["now"] = False
+
+    trainer.train = spy_train
+    for name in ("sample", "train_adapter"):
+        method = getattr(step.generator, name)
+
+        def guarded(*a, _m=method, **k):
+            seen["generator_in_client"] += in_client["now"]
+            return _m(*a, **k)
+
+        setattr(step.generator, name, guarded)
+    from fedml_feddpd.runner import execute
+
+    result = execute(experiment)
+    return seen, result
+
+
+def test_supplements_reach_the_clients_sampled_that_round(experiment, traced):
+    seen, result = traced
+    step = experiment.recorder.server_step
+    round0_clients = result["rounds"][0]["clients"]
+    assert len(round0_clients) == 2 and len(set(round0_clients)) == 2
+    log = step.log[0]["supplements"]
+    assert sorted(int(c) for c in log) == sorted(round0_clients)
+    local_num = experiment.data.fedml_dataset[4]
+    for cid in range(4):
+        dataset = experiment.api.train_data_local_dict[cid].dataset
+        if cid in round0_clients:
+            stats = log[str(cid)]
+            assert stats["budget"] == round(0.5 * local_num[cid])
+            assert 0 < stats["size"] <= stats["budget"]
+            x, y, w = dataset.tensors
+            assert len(y) == local_num[cid] + stats["size"]
+            synthetic = w != 1.0 if experiment.cfg.sections["feddpd"]["supplement_weight"] != 1.0 else \
+                torch.arange(len(y)) >= local_num[cid]
+            assert np.bincount(y[synthetic].numpy(), minlength=10).tolist() == stats["classes"]
+            assert stats["bytes"] == x[synthetic].numel() * 4 + y[synthetic].numel() * 8
+        else:
+            assert not hasattr(dataset, "tensors") or len(dataset.tensors) == 2  # untouched FedML loader
+    assert 1 not in step.log  # nothing after the last round
+
+
+def test_each_client_trains_on_its_own_supplement(experiment, traced):
+    seen, result = traced
+    round1 = [(cid, data) for cid, data in seen["trained"][2:4]]
+    assert [cid for cid, _ in round1] == result["rounds"][1]["clients"]
+    for cid, data in round1:
+        assert data is experiment.api.train_data_local_dict[cid]
+        if str(cid) in experiment.recorder.server_step.log[0]["supplements"]:
+            assert len(data.dataset) > experiment.data.fedml_dataset[4][cid]
+
+
+def test_server_step_sees_only_parameters_and_sample_counts(experiment, traced):
+    from fedml_feddpd.supplement import ClientUpload
+
+    seen, _ = traced
+    keys = set(experiment.model.state_dict())
+    local_num = experiment.data.fedml_dataset[4]
+    assert [r for r, _ in seen["uploads"]] == [0, 1]
+    for round_idx, uploads in seen["uploads"]:
+        for up in uploads:
+            assert isinstance(up, ClientUpload)
+            assert set(vars(up)) == {"client_id", "num_samples", "state_dict"}
+            assert up.num_samples == local_num[up.client_id]
+            assert isinstance(up.state_dict, collections.OrderedDict) and set(up.state_dict) == keys
+            assert all(isinstance(v, torch.Tensor) for v in up.state_dict.values())
+    assert all(set(g) == keys for g in seen["global"])
+
+
+def test_clients_never_call_the_generator(traced):
+    seen, result = traced
+    assert seen["generator_in_client"] == 0
+    stages = result["rounds"][0]["server_step"]["server_stage_seconds"]
+    assert {"pool", "scoring", "dpo", "generation"} <= set(stages)

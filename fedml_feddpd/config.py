@@ -91,6 +91,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "public_fraction": _float(0.0, 1.0, default=0.2, low_open=True, high_open=True),
         "test_fraction": _float(0.0, 1.0, default=0.3, low_open=True, high_open=True),
         "min_client_size": _int(1, 10),
+        "validation_fraction": _float(0.0, 1.0, default=0.0, high_open=True),
     },
     "model_args": {
         "model": _str(),

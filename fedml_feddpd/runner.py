@@ -76,6 +76,9 @@ class RoundRecorder:
             record.update(top1=test["top1"], balanced_accuracy=test["balanced_accuracy"],
                           per_class_accuracy=test["per_class_accuracy"], test_loss=test["loss"],
                           train_loss=train["loss"], train_top1=train["top1"])
+            if self.data.validation_batches is not None:
+                val = evaluate(self.model, self.data.validation_batches, self.data.class_num)
+                record.update(val_top1=val["top1"], val_balanced_accuracy=val["balanced_accuracy"])
             self.bar.set_postfix(top1=f"{test['top1']:.3f}", bal=f"{test['balanced_accuracy']:.3f}")
         now = time.perf_counter()
         record["wall_seconds"] = now - self._round_start
@@ -137,8 +140,9 @@ def execute(exp: Experiment) -> dict:
         "method": args.federated_optimizer,
         "dataset": args.dataset,
         "seed": args.random_seed,
-        "final": {k: evaluated[-1][k] for k in ("top1", "balanced_accuracy", "per_class_accuracy",
-                                                "train_loss", "test_loss")},
+        "final": {k: evaluated[-1][k] for k in ("top1", "balanced_accuracy", "per_class_accuracy", "train_loss",
+                                                "test_loss", "val_top1", "val_balanced_accuracy")
+                  if k in evaluated[-1]},
         "rounds": records,
         "client_seconds_total": sum(r["client_seconds"] for r in records),
         "server_seconds_total": sum(r["server_seconds"] for r in records),

@@ -87,3 +87,13 @@ def test_build_digits_is_fedml_8_tuple(make_config):
         assert xs[0].shape[1:] == (1, 8, 8) and 0.0 <= float(xs[0].min()) and float(xs[0].max()) <= 1.0
     assert data.public[0].shape[0] == len(data.public[1]) > 0
     assert data.client_histograms.sum() == train_num
+
+
+def test_validation_split_held_out_of_the_pool_with_same_profile(labels):
+    base = split_public_train_test(labels, 10, 0.2, 0.3, 10.0, seed=0)
+    s = split_public_train_test(labels, 10, 0.2, 0.3, 10.0, seed=0, validation_fraction=0.25)
+    assert np.array_equal(base.test, s.test) and np.array_equal(base.public, s.public)
+    assert not set(s.validation.tolist()) & set(s.train.tolist())
+    assert sorted(s.validation.tolist() + s.train.tolist()) == sorted(base.train.tolist())
+    val_counts = np.bincount(labels[s.validation], minlength=10)
+    assert val_counts.tolist() == np.round(0.25 * np.bincount(labels[base.train], minlength=10)).astype(int).tolist()

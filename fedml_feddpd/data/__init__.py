@@ -23,6 +23,7 @@ class FederatedData:
     test_batches: object                       # iterable of (x, y): the global (imbalanced) test set
     train_batches: object                      # all clients' training data pooled
     public: Optional[tuple[torch.Tensor, torch.Tensor]] = None   # server-only split (digits)
+    validation_batches: object = None          # held-out pool samples for tuning (digits, optional)
     client_histograms: Optional[np.ndarray] = None               # for reports only
 
 
@@ -38,7 +39,7 @@ def build_digits(args) -> FederatedData:
     num_classes = 10
     seed = int(args.random_seed)
     splits = split_public_train_test(labels.numpy(), num_classes, args.public_fraction, args.test_fraction,
-                                     args.imbalance_factor, seed)
+                                     args.imbalance_factor, seed, args.validation_fraction)
     train_labels = labels[splits.train].numpy()
     if args.partition_method == "hetero":
         parts = dirichlet_partition(train_labels, args.client_num_in_total, num_classes,
@@ -56,8 +57,11 @@ def build_digits(args) -> FederatedData:
     test_global = _loader(x_test, y_test, 256, False, seed)
     dataset = [len(y_train), len(y_test), train_global, test_global, local_num, local_train,
                {cid: None for cid in parts}, num_classes]
+    validation = None
+    if len(splits.validation):
+        validation = _loader(images[splits.validation], labels[splits.validation], 256, False, seed)
     return FederatedData(dataset, num_classes, test_global, train_global,
-                         public=(images[splits.public], labels[splits.public]),
+                         public=(images[splits.public], labels[splits.public]), validation_batches=validation,
                          client_histograms=label_histograms(train_labels, parts, num_classes))
 
 

@@ -22,15 +22,18 @@ class Splits:
     public: np.ndarray   # the server's generator data: balanced, belongs to no client, not tested on
     train: np.ndarray    # the clients' pool, globally imbalanced
     test: np.ndarray     # global test set, same imbalance profile as train
+    validation: np.ndarray  # held out of the pool (same profile), for tuning; empty by default
 
 
 def split_public_train_test(labels: np.ndarray, num_classes: int, public_fraction: float,
-                            test_fraction: float, imbalance_factor: float, seed: int) -> Splits:
+                            test_fraction: float, imbalance_factor: float, seed: int,
+                            validation_fraction: float = 0.0) -> Splits:
     """Balanced public split first, then train/test cut to the same long-tailed profile.
 
     Per class, `public_fraction` of its samples go to the server. The rest would give every class
     about the same size; class c then keeps n_c = n_max * IF^(-c/(C-1)) for training and the same
     profile, scaled by test_fraction, for testing. Samples cut by the imbalance are unused.
+    `validation_fraction` of each class's training share is held out for tuning (never trained on).
     """
     rng = np.random.default_rng(seed)
     per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
@@ -39,12 +42,14 @@ def split_public_train_test(labels: np.ndarray, num_classes: int, public_fractio
     n_test_max = int(np.floor(test_fraction * remaining))
     train_sizes = imbalanced_class_sizes(remaining - n_test_max, num_classes, imbalance_factor)
     test_sizes = imbalanced_class_sizes(n_test_max, num_classes, imbalance_factor)
-    public, train, test = [], [], []
+    public, train, test, val = [], [], [], []
     for idx, n_pub, n_tr, n_te in zip(per_class, n_public, train_sizes, test_sizes):
+        n_val = int(round(validation_fraction * n_tr))
         public.append(idx[:n_pub])
         test.append(idx[n_pub:n_pub + n_te])
-        train.append(idx[n_pub + n_te:n_pub + n_te + n_tr])
-    return Splits(*(np.sort(np.concatenate(p)) for p in (public, train, test)))
+        train.append(idx[n_pub + n_te + n_val:n_pub + n_te + n_tr])
+        val.append(idx[n_pub + n_te:n_pub + n_te + n_val])
+    return Splits(*(np.sort(np.concatenate(p)).astype(int) for p in (public, train, test, val)))
 
 
 def dirichlet_partition(labels: np.ndarray, client_num: int, num_classes: int, alpha: float,

@@ -31,10 +31,12 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"feddpd: error: {exc}", file=sys.stderr)
         return 2
-    final = result["final"]
-    print(f"{result['method']} on {result['dataset']} (seed {result['seed']}): final top-1 "
-          f"{final['top1']:.4f}, balanced accuracy {final['balanced_accuracy']:.4f}, "
-          f"{result['wall_seconds']:.1f} s -> {result['out_dir']}")
+    for res in filter(None, (result, result.get("baseline"))):
+        final = res["final"]
+        print(f"{res['method']} on {res['dataset']} (seed {res['seed']}): final top-1 {final['top1']:.4f}, "
+              f"balanced accuracy {final['balanced_accuracy']:.4f}, {res['wall_seconds']:.1f} s "
+              f"(clients {res['client_seconds_total']:.1f} s, server {res['server_seconds_total']:.1f} s)")
+    print(f"results -> {result['out_dir']}")
     return 0
 
 

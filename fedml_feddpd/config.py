@@ -128,7 +128,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "wandb_entity": _str(""),
     },
     # Plugin settings that are not FedML's.
-    "run_args": {"output_dir": _str("runs"), "torch_threads": _int(0, 1)},  # 0 = torch default
+    "run_args": {
+        "output_dir": _str("runs"),
+        "torch_threads": _int(0, 1),  # 0 = torch default
+        "generator_threads": _int(0, 0),  # pretraining and sampling; 0 = all cores
+        # also run this method on the same split afterwards and print both (none = off)
+        "baseline": _choice(("none", "FedAvg", "FedProx"), "none"),
+    },
     "feddpd": {
         "warmup_rounds": _int(0, 20),
         "supplement_every": _int(1, 20),

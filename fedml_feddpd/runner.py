@@ -1,6 +1,7 @@
 """One run: validated config -> FedML args -> data, model, FedML API -> metrics in the output folder."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -15,6 +16,7 @@ from typing import Optional
 import numpy as np
 
 from .config import SUPPLEMENT_METHODS, RunConfig
+from .threads import torch_threads
 
 PACKAGES = ("fedml", "torch", "diffusers", "peft", "trl", "numpy", "scikit-learn", "fedml-feddpd")
 
@@ -159,11 +161,25 @@ def execute(exp: Experiment) -> dict:
     }
 
 
+def with_method(cfg: RunConfig, method: str) -> RunConfig:
+    """The same config (same seed, split and training settings) run with another method."""
+    sections = copy.deepcopy(cfg.sections)
+    sections["train_args"]["federated_optimizer"] = method
+    sections["run_args"]["baseline"] = "none"
+    return RunConfig(sections, cfg.source)
+
+
 def run(cfg: RunConfig, out_dir: Optional[str | os.PathLike] = None, show_progress: bool = True) -> dict:
     """Run one configuration to the end and write metrics.json + config.yaml into `out_dir`
-    (built in a temporary sibling folder and moved into place only on success)."""
+    (built in a temporary sibling folder and moved into place only on success). With
+    `run_args.baseline`, that method also runs on the same split, into `out_dir/baseline_<method>`."""
     result = execute(prepare(cfg, show_progress))
-    write_outputs(Path(out_dir) if out_dir else default_out_dir(cfg), result, cfg)
+    extra = {}
+    if cfg["baseline"] != "none":
+        base_cfg = with_method(cfg, cfg["baseline"])
+        result["baseline"] = execute(prepare(base_cfg, show_progress))
+        extra[f"baseline_{cfg['baseline']}"] = (result["baseline"], base_cfg)
+    write_outputs(Path(out_dir) if out_dir else default_out_dir(cfg), result, cfg, extra)
     return result
 
 
@@ -181,8 +197,12 @@ def attach_server_step(cfg: RunConfig, args, data, model, api, show_progress: bo
         raise ValueError(f"data_args.dataset: {args.federated_optimizer} needs a public split for the server's "
                          "generator; only dataset: digits provides one")
     gen_cfg = GeneratorConfig(**cfg.sections["generator"])
-    generator = load_or_pretrain_generator(gen_cfg, *data.public, seed=int(args.random_seed), progress=show_progress)
-    service = GeneratorService(generator, DPOSettings(**cfg.sections["dpo_args"]), gen_cfg.sample_steps)
+    threads = cfg["generator_threads"] or os.cpu_count() or 1
+    with torch_threads(threads):
+        generator = load_or_pretrain_generator(gen_cfg, *data.public, seed=int(args.random_seed),
+                                               progress=show_progress)
+    service = GeneratorService(generator, DPOSettings(**cfg.sections["dpo_args"]), gen_cfg.sample_steps,
+                               sample_threads=threads)
     settings = FedDPDSettings(**cfg.sections["feddpd"])
     policy = FedDPDPolicy(settings, data.class_num, int(args.random_seed))
     real = {cid: tensors_of(loader) for cid, loader in api.train_data_local_dict.items()}
@@ -196,12 +216,16 @@ def attach_server_step(cfg: RunConfig, args, data, model, api, show_progress: bo
     return step, info
 
 
-def write_outputs(out_dir: Path, result: dict, cfg: RunConfig) -> None:
+def write_outputs(out_dir: Path, result: dict, cfg: RunConfig, extra: Optional[dict] = None) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         (tmp / "metrics.json").write_text(json.dumps(result, indent=1))
         (tmp / "config.yaml").write_text(cfg.to_yaml())
+        for name, (sub_result, sub_cfg) in (extra or {}).items():
+            (tmp / name).mkdir()
+            (tmp / name / "metrics.json").write_text(json.dumps(sub_result, indent=1))
+            (tmp / name / "config.yaml").write_text(sub_cfg.to_yaml())
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

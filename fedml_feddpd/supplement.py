@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .threads import torch_threads
 from .algorithm import (allocate_classes, build_pairs, client_budget, discrepancy, quality_gate,
                         select_top)
 
@@ -78,14 +79,16 @@ class GeneratorService:
     """What a policy needs from the generator: class-conditional sampling, with a client adapter
     when one was trained, and Diffusion-DPO of a client adapter. Wraps fedml_feddpd.generation."""
 
-    def __init__(self, generator, dpo_settings, sample_steps: int):
+    def __init__(self, generator, dpo_settings, sample_steps: int, sample_threads: int = 0):
         self.generator, self.dpo_settings, self.sample_steps = generator, dpo_settings, sample_steps
+        self.sample_threads = sample_threads
 
     def sample(self, class_counts, seed: int, adapter: Optional[str] = None):
-        from .generation import sample, using_adapter, adapters_disabled
+        from .generation import adapters_disabled, sample, using_adapter
 
         unet = self.generator.unet
-        with (using_adapter(unet, adapter) if adapter else adapters_disabled(unet)):
+        with torch_threads(self.sample_threads or torch.get_num_threads()), \
+                (using_adapter(unet, adapter) if adapter else adapters_disabled(unet)):
             return sample(unet, self.generator.scheduler, [int(c) for c in class_counts],
                           steps=self.sample_steps, seed=seed)
 

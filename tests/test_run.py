@@ -20,9 +20,14 @@ sys.exit(code if not network_guard.ATTEMPTS else 3)
 """
 
 
-def test_whole_job_runs_with_network_forbidden(tmp_path, config_dict):
+def test_whole_job_runs_with_network_forbidden(tmp_path):
+    """FedDPD (generator pretraining, TRL's DPO trainer, PEFT) and its FedAvg baseline, offline."""
+    raw = shrink(yaml.safe_load(open(os.path.join(ROOT, "configs", "digits_feddpd.yaml"))))
+    raw["feddpd"].update(warmup_rounds=0, supplement_every=1, tau=0.0, pool_per_class=4)
+    raw["generator"].update(pretrain_steps=5, sample_steps=3, cache_dir=str(tmp_path / "gen"))
+    raw["dpo_args"].update(max_steps=2, batch_size=2)
     cf, out = tmp_path / "c.yaml", tmp_path / "out"
-    cf.write_text(yaml.safe_dump(config_dict))
+    cf.write_text(yaml.safe_dump(raw))
     code = GUARDED_RUN.format(tests=os.path.join(ROOT, "tests"), cf=str(cf), out=str(out))
     env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": ROOT}
     for var in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
@@ -31,8 +36,12 @@ def test_whole_job_runs_with_network_forbidden(tmp_path, config_dict):
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "network attempts: []" in proc.stdout
+    assert "FedDPD on digits (seed 0): final top-1" in proc.stdout
     assert "FedAvg on digits (seed 0): final top-1" in proc.stdout
-    assert (out / "metrics.json").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rounds"][0]["server_step"]["server_stage_seconds"]["dpo"] > 0  # TRL really ran
+    baseline = json.loads((out / "baseline_FedAvg" / "metrics.json").read_text())
+    assert baseline["method"] == "FedAvg" and baseline["data"] == metrics["data"]  # same split
 
 
 def test_guard_really_blocks():

@@ -20,8 +20,8 @@ REQUIRED = object()
 
 FEDML_DATASETS = ("mnist", "femnist", "cifar10")
 DATASETS = ("digits",) + FEDML_DATASETS
-OPTIMIZERS = ("FedAvg", "FedProx", "FedDPD")
-SUPPLEMENT_METHODS = ("FedDPD",)  # methods that run a server-side supplement step
+SUPPLEMENT_METHODS = ("FedDPD", "FedDiff", "Balance", "Oracle")  # methods with a server-side supplement step
+OPTIMIZERS = ("FedAvg", "FedProx") + SUPPLEMENT_METHODS
 BACKENDS = ("sp",)
 
 
@@ -92,6 +92,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "test_fraction": _float(0.0, 1.0, default=0.3, low_open=True, high_open=True),
         "min_client_size": _int(1, 10),
         "validation_fraction": _float(0.0, 1.0, default=0.0, high_open=True),
+        "oracle_fraction": _float(0.0, 1.0, default=0.0, high_open=True),
     },
     "model_args": {
         "model": _str(),
@@ -137,7 +138,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "feddpd": {
         "warmup_rounds": _int(0, 20),
-        "supplement_every": _int(1, 20),
+        "supplement_every": _int(1, 40),
         "pool_per_class": _int(1, 64),
         "discrepancy": _choice(("prob_gap", "ce_gap", "kl"), "prob_gap"),
         "tau": _float(0.0, 1.0, default=0.5),
@@ -258,6 +259,16 @@ def _check_across_keys(s: dict[str, dict[str, Any]]) -> None:
         raise ConfigError(
             f"data_args.imbalance_factor: expected 1 for FedML's own '{data['dataset']}' loader "
             f"(global imbalance is built for dataset: digits), got {data['imbalance_factor']}")
+    method = train["federated_optimizer"]
+    if method in SUPPLEMENT_METHODS and data["dataset"] != "digits":
+        raise ConfigError(f"data_args.dataset: {method} needs the server's public split, which only dataset: "
+                          f"digits provides; got '{data['dataset']}'")
+    if method == "Oracle" and data["oracle_fraction"] <= 0:
+        raise ConfigError("data_args.oracle_fraction: Oracle draws real held-out data; expected a number in "
+                          "(0, 1), got 0")
+    if data["validation_fraction"] + data["oracle_fraction"] >= 1.0:
+        raise ConfigError("data_args.oracle_fraction: validation_fraction + oracle_fraction must be < 1 to leave "
+                          "clients data")
     from .models import check_model_name  # local: models imports torch
 
     check_model_name(model["model"], data["dataset"])

@@ -150,6 +150,7 @@ def execute(exp: Experiment) -> dict:
         "server_seconds_total": sum(r["server_seconds"] for r in records),
         "wall_seconds": time.perf_counter() - exp.started,
         "generator": exp.generator_info,
+        "privacy": privacy_note(exp.recorder.server_step),
         "data": {"train_samples": data.fedml_dataset[0], "test_samples": data.fedml_dataset[1],
                  "test_class_counts": np.bincount(np.concatenate([y.numpy() for _, y in data.test_batches]),
                                                   minlength=data.class_num).tolist(),
@@ -190,30 +191,53 @@ def attach_server_step(cfg: RunConfig, args, data, model, api, show_progress: bo
     re-reads every round (fedavg_api.py:90-95); the client then trains on real data + supplement.
     """
     from .generation import DPOSettings, GeneratorConfig, load_or_pretrain_generator
-    from .supplement import FedDPDPolicy, FedDPDSettings, GeneratorService, Scorer, ServerStep
+    from .supplement import FedDPDSettings, GeneratorService, Scorer, ServerStep
     from .trainer import tensors_of, with_supplement
 
-    if data.public is None:
-        raise ValueError(f"data_args.dataset: {args.federated_optimizer} needs a public split for the server's "
-                         "generator; only dataset: digits provides one")
-    gen_cfg = GeneratorConfig(**cfg.sections["generator"])
-    threads = cfg["generator_threads"] or os.cpu_count() or 1
-    with torch_threads(threads):
-        generator = load_or_pretrain_generator(gen_cfg, *data.public, seed=int(args.random_seed),
-                                               progress=show_progress)
-    service = GeneratorService(generator, DPOSettings(**cfg.sections["dpo_args"]), gen_cfg.sample_steps,
-                               sample_threads=threads)
+    method, seed = args.federated_optimizer, int(args.random_seed)
     settings = FedDPDSettings(**cfg.sections["feddpd"])
-    policy = FedDPDPolicy(settings, data.class_num, int(args.random_seed))
+    policy = make_policy(method, settings, data, seed)
+    service, info = None, None
+    if method != "Oracle":  # the only supplement method that needs no generator
+        gen_cfg = GeneratorConfig(**cfg.sections["generator"])
+        threads = cfg["generator_threads"] or os.cpu_count() or 1
+        with torch_threads(threads):
+            generator = load_or_pretrain_generator(gen_cfg, *data.public, seed=seed, progress=show_progress)
+        service = GeneratorService(generator, DPOSettings(**cfg.sections["dpo_args"]), gen_cfg.sample_steps,
+                                   sample_threads=threads)
+        info = {"source": generator.source, "path": generator.path, "seconds": generator.seconds}
     real = {cid: tensors_of(loader) for cid, loader in api.train_data_local_dict.items()}
 
     def deliver(cid: int, supplement) -> None:
         api.train_data_local_dict[cid] = with_supplement(real[cid], supplement, settings.supplement_weight,
                                                          args.batch_size, seed=int(args.random_seed) * 1000 + cid)
 
-    step = ServerStep(policy, Scorer(model), service, args.comm_round - 1, deliver)
-    info = {"source": generator.source, "path": generator.path, "seconds": generator.seconds}
-    return step, info
+    return ServerStep(policy, Scorer(model), service, args.comm_round - 1, deliver), info
+
+
+def privacy_note(step) -> str:
+    """What crosses FedAvg's boundary (the server sees model parameters and sample counts only)."""
+    policy = getattr(step, "policy", None)
+    if getattr(policy, "uses_label_counts", False):
+        return "breaks the boundary: the server uses each client's label counts"
+    if getattr(policy, "uses_held_out_data", False):
+        return "not deployable: uses held-out real data drawn from the global distribution"
+    return "within FedAvg's boundary: model parameters and sample counts only"
+
+
+def make_policy(method: str, settings, data, seed: int):
+    """The supplement policy of a method: FedDPD's, or a baseline's (they differ only here)."""
+    from .supplement import FedDPDPolicy
+
+    if method == "FedDPD":
+        return FedDPDPolicy(settings, data.class_num, seed)
+    from baselines import BalancePolicy, FedDiffPolicy, OraclePolicy
+
+    if method == "FedDiff":
+        return FedDiffPolicy(settings, data.class_num, seed)
+    if method == "Balance":
+        return BalancePolicy(settings, data.class_num, seed, data.client_histograms)
+    return OraclePolicy(settings, data.class_num, seed, data.oracle)
 
 
 def write_outputs(out_dir: Path, result: dict, cfg: RunConfig, extra: Optional[dict] = None) -> None:

@@ -46,7 +46,7 @@ class FedDPDSettings:
     """The `feddpd:` YAML section (DESIGN.md section 1)."""
 
     warmup_rounds: int = 20
-    supplement_every: int = 20
+    supplement_every: int = 40
     pool_per_class: int = 64
     discrepancy: str = "prob_gap"
     tau: float = 0.5
@@ -117,6 +117,11 @@ class SupplementPolicy:
                           scorer: Scorer, generator: GeneratorService, timer: "StageTimer") -> dict[int, Supplement]:
         raise NotImplementedError
 
+    def _supplement(self, x, y, budget, counts) -> Supplement:
+        return Supplement(x, y, {"budget": int(budget), "size": int(len(y)),
+                                 "allocation": None if counts is None else [int(c) for c in counts],
+                                 "classes": np.bincount(y.numpy(), minlength=self.num_classes).tolist()})
+
 
 class FedDPDPolicy(SupplementPolicy):
     """Discrepancy-guided, DPO-adapted supplements (DESIGN.md section 1, steps 1-6)."""
@@ -166,11 +171,6 @@ class FedDPDPolicy(SupplementPolicy):
                              dpo={k: v for k, v in (dpo_stats or {}).items() if isinstance(v, (int, float))})
             out[up.client_id] = sup
         return out
-
-    def _supplement(self, x, y, budget, counts) -> Supplement:
-        return Supplement(x, y, {"budget": int(budget), "size": int(len(y)),
-                                 "allocation": None if counts is None else [int(c) for c in counts],
-                                 "classes": np.bincount(y.numpy(), minlength=self.num_classes).tolist()})
 
 
 class StageTimer:

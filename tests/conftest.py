@@ -32,11 +32,15 @@ def shrink(raw):
 @pytest.fixture
 def make_config(config_dict):
     """make_config(key=value, ...) -> validated RunConfig of the small default with keys replaced."""
-    from fedml_feddpd.config import SCHEMA, validate
+    from dataclasses import fields
+
+    from fedml_feddpd.config import DATACLASS_SECTIONS, SCHEMA, _dataclass_for, validate
+
+    sections = {**SCHEMA, **{name: [f.name for f in fields(_dataclass_for(name))] for name in DATACLASS_SECTIONS}}
 
     def make(**overrides):
         for key, value in overrides.items():
-            section = next(s for s, keys in SCHEMA.items() if key in keys)
+            section = next(s for s, keys in sections.items() if key in keys)
             config_dict.setdefault(section, {})[key] = value
         return validate(config_dict, "test.yaml")
 

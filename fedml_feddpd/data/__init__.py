@@ -24,6 +24,7 @@ class FederatedData:
     train_batches: object                      # all clients' training data pooled
     public: Optional[tuple[torch.Tensor, torch.Tensor]] = None   # server-only split (digits)
     validation_batches: object = None          # held-out pool samples for tuning (digits, optional)
+    oracle: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # held-out real data for the Oracle baseline
     client_histograms: Optional[np.ndarray] = None               # for reports only
 
 
@@ -39,7 +40,7 @@ def build_digits(args) -> FederatedData:
     num_classes = 10
     seed = int(args.random_seed)
     splits = split_public_train_test(labels.numpy(), num_classes, args.public_fraction, args.test_fraction,
-                                     args.imbalance_factor, seed, args.validation_fraction)
+                                     args.imbalance_factor, seed, args.validation_fraction, args.oracle_fraction)
     train_labels = labels[splits.train].numpy()
     if args.partition_method == "hetero":
         parts = dirichlet_partition(train_labels, args.client_num_in_total, num_classes,
@@ -62,6 +63,7 @@ def build_digits(args) -> FederatedData:
         validation = _loader(images[splits.validation], labels[splits.validation], 256, False, seed)
     return FederatedData(dataset, num_classes, test_global, train_global,
                          public=(images[splits.public], labels[splits.public]), validation_batches=validation,
+                         oracle=(images[splits.oracle], labels[splits.oracle]),
                          client_histograms=label_histograms(train_labels, parts, num_classes))
 
 

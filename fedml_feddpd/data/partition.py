@@ -23,17 +23,19 @@ class Splits:
     train: np.ndarray    # the clients' pool, globally imbalanced
     test: np.ndarray     # global test set, same imbalance profile as train
     validation: np.ndarray  # held out of the pool (same profile), for tuning; empty by default
+    oracle: np.ndarray      # held out of the pool (same profile), real data for the Oracle baseline
 
 
 def split_public_train_test(labels: np.ndarray, num_classes: int, public_fraction: float,
                             test_fraction: float, imbalance_factor: float, seed: int,
-                            validation_fraction: float = 0.0) -> Splits:
+                            validation_fraction: float = 0.0, oracle_fraction: float = 0.0) -> Splits:
     """Balanced public split first, then train/test cut to the same long-tailed profile.
 
     Per class, `public_fraction` of its samples go to the server. The rest would give every class
     about the same size; class c then keeps n_c = n_max * IF^(-c/(C-1)) for training and the same
     profile, scaled by test_fraction, for testing. Samples cut by the imbalance are unused.
-    `validation_fraction` of each class's training share is held out for tuning (never trained on).
+    `validation_fraction` (for tuning) and `oracle_fraction` (the Oracle baseline's real data) of each
+    class's training share are held out; clients never hold them.
     """
     rng = np.random.default_rng(seed)
     per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
@@ -42,14 +44,16 @@ def split_public_train_test(labels: np.ndarray, num_classes: int, public_fractio
     n_test_max = int(np.floor(test_fraction * remaining))
     train_sizes = imbalanced_class_sizes(remaining - n_test_max, num_classes, imbalance_factor)
     test_sizes = imbalanced_class_sizes(n_test_max, num_classes, imbalance_factor)
-    public, train, test, val = [], [], [], []
+    public, train, test, val, oracle = [], [], [], [], []
     for idx, n_pub, n_tr, n_te in zip(per_class, n_public, train_sizes, test_sizes):
-        n_val = int(round(validation_fraction * n_tr))
+        n_val, n_orc = int(round(validation_fraction * n_tr)), int(round(oracle_fraction * n_tr))
         public.append(idx[:n_pub])
         test.append(idx[n_pub:n_pub + n_te])
-        train.append(idx[n_pub + n_te + n_val:n_pub + n_te + n_tr])
-        val.append(idx[n_pub + n_te:n_pub + n_te + n_val])
-    return Splits(*(np.sort(np.concatenate(p)).astype(int) for p in (public, train, test, val)))
+        pool = idx[n_pub + n_te:n_pub + n_te + n_tr]
+        val.append(pool[:n_val])
+        oracle.append(pool[n_val:n_val + n_orc])
+        train.append(pool[n_val + n_orc:])
+    return Splits(*(np.sort(np.concatenate(p)).astype(int) for p in (public, train, test, val, oracle)))
 
 
 def dirichlet_partition(labels: np.ndarray, client_num: int, num_classes: int, alpha: float,

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedml_feddpd.algorithm import client_budget
+from fedml_feddpd.supplement import SupplementPolicy
+
+
+class OraclePolicy(SupplementPolicy):
+    """Oracle: real held-out samples drawn from the true global distribution, FedDPD's budget B_k.
+
+    An upper bound, not deployable: it uses real data the server does not have (`data_args.oracle_fraction`
+    of the clients' pool, held out with the same long-tailed profile). Drawing uniformly from that
+    held-out set draws from the global class distribution.
+    """
+
+    name = "Oracle"
+    uses_held_out_data = True
+
+    def __init__(self, settings, num_classes, seed, held_out: tuple[torch.Tensor, torch.Tensor]):
+        super().__init__(settings, num_classes, seed)
+        self.images, self.labels = held_out
+        if len(self.labels) == 0:
+            raise ValueError("data_args.oracle_fraction: Oracle needs held-out real data; expected a value > 0")
+
+    def build_supplements(self, round_idx, global_state, uploads, scorer, generator, timer):
+        rng = np.random.default_rng([self.seed, round_idx])
+        out = {}
+        for up in uploads:
+            budget = client_budget(up.num_samples, self.settings.supplement_ratio)
+            pick = rng.choice(len(self.labels), size=budget, replace=budget > len(self.labels))
+            out[up.client_id] = self._supplement(self.images[pick], self.labels[pick], budget, None)
+        return out

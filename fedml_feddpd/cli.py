@@ -15,11 +15,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="output folder (default: <output_dir>/<config>_seed<seed>)")
     run.add_argument("--seed", type=int, default=None, help="override common_args.random_seed")
     run.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
+    compare = verbs.add_parser("compare", help="run a suite of methods x settings x seeds (resumable)")
+    compare.add_argument("--cf", required=True, help="compare suite YAML (see configs/compare_digits.yaml)")
+    compare.add_argument("--out", default=None, help="output folder (default: the suite's output_dir)")
+    compare.add_argument("--no-progress", action="store_true")
+    report = verbs.add_parser("report", help="rebuild report.md and curves from a compare folder's results.json")
+    report.add_argument("dir")
     return parser
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.verb != "run":
+        return _compare_or_report(args)
     try:
         cfg = load_config(args.cf)
         if args.seed is not None:
@@ -37,6 +45,19 @@ def main(argv=None) -> int:
               f"balanced accuracy {final['balanced_accuracy']:.4f}, {res['wall_seconds']:.1f} s "
               f"(clients {res['client_seconds_total']:.1f} s, server {res['server_seconds_total']:.1f} s)")
     print(f"results -> {result['out_dir']}")
+    return 0
+
+
+def _compare_or_report(args) -> int:
+    from .compare import rebuild_report, run_suite
+
+    try:
+        out = run_suite(args.cf, args.out, not args.no_progress) if args.verb == "compare" else rebuild_report(args.dir)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"feddpd: error: {exc}", file=sys.stderr)
+        return 2
+    print((out / "report.md").read_text())
+    print(f"report -> {out / 'report.md'}")
     return 0
 
 

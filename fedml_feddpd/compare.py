@@ -1,0 +1,182 @@
+"""`compare`: methods x settings x seeds from one YAML, resumable, into a table, curves and JSON.
+
+    base: configs/digits_feddpd.yaml        # every run starts from this FedML YAML
+    output_dir: runs/compare_digits
+    seeds: [0, 1, 2]
+    common: {data_args: {oracle_fraction: 0.1}}            # applied to every run
+    settings: {IF=10: {data_args: {imbalance_factor: 10}}}  # name -> overrides
+    methods: {FedAvg: {train_args: {federated_optimizer: FedAvg}}, ...}
+
+A run whose metrics.json exists is skipped, so a killed suite resumes where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .config import ConfigError, RunConfig, load_config, validate
+
+SUITE_KEYS = {"base", "output_dir", "seeds", "common", "settings", "methods"}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for section, body in (over or {}).items():
+        if isinstance(body, dict) and isinstance(out.get(section), dict):
+            out[section].update(copy.deepcopy(body))
+        else:
+            out[section] = copy.deepcopy(body)
+    return out
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name).strip("_")
+
+
+def load_suite(path: str) -> tuple[dict, dict[tuple[str, str, int], RunConfig]]:
+    """The suite and every run's validated config, checked before anything runs."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--cf {path}: file not found; expected a compare suite such as configs/compare_digits.yaml")
+    suite = yaml.safe_load(open(path))
+    if not isinstance(suite, dict):
+        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(sorted(SUITE_KEYS))}")
+    unknown = set(suite) - SUITE_KEYS
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown compare key; allowed: {', '.join(sorted(SUITE_KEYS))}")
+    for key in ("base", "methods"):
+        if key not in suite:
+            raise ConfigError(f"{key}: missing in compare suite {path}")
+    seeds = suite.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise ConfigError(f"seeds: expected a non-empty list of integers >= 0, got {seeds!r}")
+    # `base` is relative to the working directory or to the suite file's folder.
+    candidates = [suite["base"], os.path.join(os.path.dirname(path), suite["base"])]
+    base_path = next((c for c in candidates if os.path.isfile(c)), None)
+    if base_path is None:
+        raise ConfigError(f"base: {suite['base']} not found (relative to the working directory or {path}); "
+                          "expected a FedML YAML such as configs/digits_feddpd.yaml")
+    base = load_config(base_path).sections
+    settings = suite.get("settings") or {"default": {}}
+    runs = {}
+    for s_name, s_over in settings.items():
+        for m_name, m_over in suite["methods"].items():
+            raw = _merge(_merge(_merge(base, suite.get("common")), s_over), m_over)
+            raw.setdefault("run_args", {})["baseline"] = "none"
+            for seed in seeds:
+                raw["common_args"]["random_seed"] = seed
+                try:
+                    runs[(s_name, m_name, seed)] = validate(copy.deepcopy(raw), base_path)
+                except ConfigError as exc:
+                    raise ConfigError(f"methods.{m_name} / settings.{s_name}: {exc}") from None
+    suite["seeds"], suite["settings"] = seeds, settings
+    return suite, runs
+
+
+def run_suite(path: str, out_dir: str | None = None, show_progress: bool = True) -> Path:
+    from tqdm.auto import tqdm
+
+    from .runner import run
+
+    suite, runs = load_suite(path)
+    out = Path(out_dir or suite.get("output_dir") or "runs/compare")
+    todo = {k: cfg for k, cfg in runs.items() if not (_run_dir(out, *k) / "metrics.json").is_file()}
+    bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="compare", unit="run", disable=not show_progress)
+    for (s_name, m_name, seed), cfg in todo.items():
+        bar.set_postfix_str(f"{s_name} {m_name} seed {seed}")
+        run(cfg, _run_dir(out, s_name, m_name, seed), show_progress=False)
+        bar.update(1)
+    bar.close()
+    results = collect(out, suite)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_report(out, results)
+    return out
+
+
+def _run_dir(out: Path, setting: str, method: str, seed: int) -> Path:
+    return out / "runs" / _slug(setting) / _slug(method) / f"seed{seed}"
+
+
+def collect(out: Path, suite: dict) -> dict:
+    results = {"seeds": suite["seeds"], "settings": {}}
+    for s_name in suite["settings"]:
+        per_method = results["settings"][s_name] = {}
+        for m_name in suite["methods"]:
+            runs = [json.loads((_run_dir(out, s_name, m_name, s) / "metrics.json").read_text())
+                    for s in suite["seeds"]]
+            entry = per_method[m_name] = {"privacy": runs[0].get("privacy"), "method": runs[0]["method"]}
+            for key in ("top1", "balanced_accuracy"):
+                vals = np.array([r["final"][key] for r in runs])
+                entry[key] = {"values": vals.tolist(), "mean": float(vals.mean()), "std": float(vals.std())}
+            for key in ("wall_seconds", "client_seconds_total", "server_seconds_total"):
+                entry[key] = float(np.mean([r[key] for r in runs]))
+            curves = np.array([[rec.get("top1", np.nan) for rec in r["rounds"]] for r in runs])
+            entry["curve_mean"] = np.nanmean(curves, 0).tolist()
+            entry["curve_std"] = np.nanstd(curves, 0).tolist()
+    return results
+
+
+def write_report(out: Path, results: dict) -> None:
+    """report.md (best non-oracle mean per column in bold) and curves_<setting>.png from results."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(results["settings"])
+    methods = list(next(iter(results["settings"].values())))
+    lines = [f"# Compare: {len(methods)} methods x {len(settings)} settings x {len(results['seeds'])} seeds",
+             "", "Final global-model accuracy on the (imbalanced) test set, mean ± std over seeds "
+             f"{results['seeds']}. **Bold**: best per column among deployable methods (Oracle excluded).", ""]
+    header = "| method | " + " | ".join(f"{s} top-1 | {s} balanced" for s in settings) + " | wall s | client s | server s |"
+    lines += [header, "|" + "---|" * (2 * len(settings) + 4)]
+    best = {}
+    for s in settings:
+        for key in ("top1", "balanced_accuracy"):
+            cands = [m for m in methods if results["settings"][s][m]["method"] != "Oracle"]
+            best[(s, key)] = max(cands, key=lambda m: results["settings"][s][m][key]["mean"]) if cands else None
+    for m in methods:
+        cells = []
+        for s in settings:
+            for key in ("top1", "balanced_accuracy"):
+                e = results["settings"][s][m][key]
+                cell = f"{100 * e['mean']:.1f} ± {100 * e['std']:.1f}"
+                cells.append(f"**{cell}**" if best[(s, key)] == m else cell)
+        first = results["settings"][settings[0]][m]
+        note = "" if "within" in (first["privacy"] or "within") else " †"
+        lines.append(f"| {m}{note} | " + " | ".join(cells) +
+                     f" | {first['wall_seconds']:.0f} | {first['client_seconds_total']:.0f} | "
+                     f"{first['server_seconds_total']:.0f} |")
+    lines += ["", "† crosses FedAvg's privacy boundary or is not deployable: " + "; ".join(
+        sorted({f"{m}: {results['settings'][settings[0]][m]['privacy']}" for m in methods
+                if "within" not in (results['settings'][settings[0]][m]['privacy'] or 'within')}))]
+    lines += ["", "Times: mean per run in the first setting (seconds)."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    for s in settings:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m in methods:
+            mean = np.array(results["settings"][s][m]["curve_mean"])
+            std = np.array(results["settings"][s][m]["curve_std"])
+            x = np.arange(len(mean))
+            ax.plot(x, mean, label=m)
+            ax.fill_between(x, mean - std, mean + std, alpha=0.15)
+        ax.set(xlabel="round", ylabel="global top-1 (test)", title=f"{s}: accuracy per round (mean ± std)")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / f"curves_{_slug(s)}.png", dpi=110)
+        plt.close(fig)
+
+
+def rebuild_report(out_dir: str) -> Path:
+    out = Path(out_dir)
+    path = out / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"report: {path} not found; expected the folder of a finished compare run")
+    write_report(out, json.loads(path.read_text()))
+    return out

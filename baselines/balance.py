@@ -23,7 +23,7 @@ class BalancePolicy(SupplementPolicy):
     def build_supplements(self, round_idx, global_state, uploads, scorer, generator, timer):
         rng = np.random.default_rng([self.seed, round_idx])
         out = {}
-        for up in uploads:
+        for up in timer.each_client(uploads):
             counts = flatten_counts(self.histograms[up.client_id])
             with timer("generation"):
                 x, y = generator.sample(counts, seed=int(rng.integers(2**31)))

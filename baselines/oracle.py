@@ -27,7 +27,7 @@ class OraclePolicy(SupplementPolicy):
     def build_supplements(self, round_idx, global_state, uploads, scorer, generator, timer):
         rng = np.random.default_rng([self.seed, round_idx])
         out = {}
-        for up in uploads:
+        for up in timer.each_client(uploads):
             budget = client_budget(up.num_samples, self.settings.supplement_ratio)
             pick = rng.choice(len(self.labels), size=budget, replace=budget > len(self.labels))
             out[up.client_id] = self._supplement(self.images[pick], self.labels[pick], budget, None)

@@ -126,6 +126,7 @@ def prepare(cfg: RunConfig, show_progress: bool = True) -> Experiment:
     generator_info = None
     if args.federated_optimizer in SUPPLEMENT_METHODS:
         recorder.server_step, generator_info = attach_server_step(cfg, args, data, model, api, show_progress)
+        recorder.server_step.status = recorder.bar.set_postfix_str
     api.install_round_hooks(recorder, after_aggregation=recorder.server_step)
     return Experiment(cfg, args, data, model, api, recorder, generator_info, started)
 

@@ -138,7 +138,7 @@ class FedDPDPolicy(SupplementPolicy):
             p_global = scorer.probs(global_state, pool_x)
             gate = quality_gate(p_global, pool_y.numpy(), s.tau)
         out = {}
-        for up in uploads:
+        for up in timer.each_client(uploads):
             budget = client_budget(up.num_samples, s.supplement_ratio)
             if s.selection == "random":
                 pick = rng.choice(len(pool_y), size=min(budget, len(pool_y)), replace=False)
@@ -174,10 +174,20 @@ class FedDPDPolicy(SupplementPolicy):
 
 
 class StageTimer:
-    """Seconds per named server stage (pool, scoring, dpo, generation) within one round."""
+    """Seconds per named server stage (pool, scoring, dpo, generation) within one round, and a
+    status line for the progress bar while the server works through the clients."""
 
-    def __init__(self):
+    def __init__(self, status: Optional[Callable[[str], None]] = None):
         self.seconds: dict[str, float] = {}
+        self.status = status
+
+    def each_client(self, uploads):
+        for i, up in enumerate(uploads):
+            if self.status:
+                self.status(f"server step: client {i + 1}/{len(uploads)}")
+            yield up
+        if self.status:
+            self.status("")
 
     @contextmanager
     def __call__(self, stage: str):
@@ -196,11 +206,12 @@ class ServerStep:
         self.policy, self.scorer, self.generator = policy, scorer, generator
         self.last_round, self.deliver = last_round, deliver
         self.log: dict[int, dict] = {}
+        self.status: Optional[Callable[[str], None]] = None  # the runner points this at its progress bar
 
     def __call__(self, round_idx: int, global_state: dict, uploads: list[ClientUpload]) -> None:
         if not self.policy.settings.due(round_idx, self.last_round):
             return
-        timer = StageTimer()
+        timer = StageTimer(self.status)
         supplements = self.policy.build_supplements(round_idx, global_state, uploads, self.scorer,
                                                     self.generator, timer)
         for cid, sup in supplements.items():

@@ -99,3 +99,13 @@ def test_module_entry_exit_status(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("feddpd: error: --cf ")
+
+
+def test_too_many_clients_for_the_data_is_one_line(tmp_path, config_dict, capsys):
+    config_dict["train_args"].update(client_num_in_total=60, client_num_per_round=60)
+    path = tmp_path / "many.yaml"
+    path.write_text(yaml.safe_dump(config_dict))
+    assert main(["run", "--cf", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("feddpd: error: train_args.client_num_in_total: 60 clients x 10 samples each exceeds")
+    assert not (tmp_path / "out").exists()

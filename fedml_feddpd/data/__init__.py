@@ -43,8 +43,13 @@ def build_digits(args) -> FederatedData:
                                      args.imbalance_factor, seed, args.validation_fraction, args.oracle_fraction)
     train_labels = labels[splits.train].numpy()
     if args.partition_method == "hetero":
-        parts = dirichlet_partition(train_labels, args.client_num_in_total, num_classes,
-                                    args.partition_alpha, args.min_client_size, seed)
+        from ..config import ConfigError
+
+        try:
+            parts = dirichlet_partition(train_labels, args.client_num_in_total, num_classes,
+                                        args.partition_alpha, args.min_client_size, seed)
+        except ValueError as exc:  # sizes that cannot be met: a config problem, reported in one line
+            raise ConfigError(str(exc)) from None
     else:
         parts = homogeneous_partition(len(train_labels), args.client_num_in_total, seed)
     x_train, y_train = images[splits.train], labels[splits.train]

@@ -16,6 +16,8 @@ from typing import Any, Callable, Optional
 
 import yaml
 
+from .algorithm import DISCREPANCIES, FedDPDSettings
+
 REQUIRED = object()
 
 FEDML_DATASETS = ("mnist", "femnist", "cifar10")
@@ -23,6 +25,9 @@ DATASETS = ("digits",) + FEDML_DATASETS
 SUPPLEMENT_METHODS = ("FedDPD", "FedDiff", "Balance", "Oracle")  # methods with a server-side supplement step
 OPTIMIZERS = ("FedAvg", "FedProx") + SUPPLEMENT_METHODS
 BACKENDS = ("sp",)
+
+
+_FEDDPD = FedDPDSettings()  # the feddpd section's defaults live on the dataclass that consumes it
 
 
 class ConfigError(ValueError):
@@ -137,17 +142,17 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "baseline": _choice(("none", "FedAvg", "FedProx"), "none"),
     },
     "feddpd": {
-        "warmup_rounds": _int(0, 20),
-        "supplement_every": _int(1, 40),
-        "pool_per_class": _int(1, 64),
-        "discrepancy": _choice(("prob_gap", "ce_gap", "kl"), "prob_gap"),
-        "tau": _float(0.0, 1.0, default=0.5),
-        "supplement_ratio": _float(0.0, default=0.5),
-        "supplement_weight": _float(0.0, default=1.0),
-        "pair_quantile": _float(0.0, 0.5, default=0.25, low_open=True),
-        "oversample": _float(1.0, default=2.0),
-        "dpo": _bool(True),
-        "selection": _choice(("discrepancy", "random"), "discrepancy"),
+        "warmup_rounds": _int(0, _FEDDPD.warmup_rounds),
+        "supplement_every": _int(1, _FEDDPD.supplement_every),
+        "pool_per_class": _int(1, _FEDDPD.pool_per_class),
+        "discrepancy": _choice(DISCREPANCIES, _FEDDPD.discrepancy),
+        "tau": _float(0.0, 1.0, default=_FEDDPD.tau),
+        "supplement_ratio": _float(0.0, default=_FEDDPD.supplement_ratio),
+        "supplement_weight": _float(0.0, default=_FEDDPD.supplement_weight),
+        "pair_quantile": _float(0.0, 0.5, default=_FEDDPD.pair_quantile, low_open=True),
+        "oversample": _float(1.0, default=_FEDDPD.oversample),
+        "dpo": _bool(_FEDDPD.dpo),
+        "selection": _choice(("discrepancy", "random"), _FEDDPD.selection),
     },
 }
 

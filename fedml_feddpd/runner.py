@@ -245,12 +245,10 @@ def write_outputs(out_dir: Path, result: dict, cfg: RunConfig, extra: Optional[d
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        (tmp / "metrics.json").write_text(json.dumps(result, indent=1))
-        (tmp / "config.yaml").write_text(cfg.to_yaml())
-        for name, (sub_result, sub_cfg) in (extra or {}).items():
-            (tmp / name).mkdir()
-            (tmp / name / "metrics.json").write_text(json.dumps(sub_result, indent=1))
-            (tmp / name / "config.yaml").write_text(sub_cfg.to_yaml())
+        for name, (res, res_cfg) in {".": (result, cfg), **(extra or {})}.items():
+            (tmp / name).mkdir(exist_ok=True)
+            (tmp / name / "metrics.json").write_text(json.dumps(res, indent=1))
+            (tmp / name / "config.yaml").write_text(res_cfg.to_yaml())
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

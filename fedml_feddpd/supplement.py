@@ -16,9 +16,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .algorithm import (FedDPDSettings, allocate_classes, build_pairs, client_budget, discrepancy,
+                        quality_gate, select_top)
 from .threads import torch_threads
-from .algorithm import (allocate_classes, build_pairs, client_budget, discrepancy, quality_gate,
-                        select_top)
 
 
 @dataclass(frozen=True)
@@ -39,28 +39,6 @@ class Supplement:
     @property
     def nbytes(self) -> int:
         return self.images.element_size() * self.images.numel() + self.labels.element_size() * self.labels.numel()
-
-
-@dataclass(frozen=True)
-class FedDPDSettings:
-    """The `feddpd:` YAML section (DESIGN.md section 1)."""
-
-    warmup_rounds: int = 20
-    supplement_every: int = 40
-    pool_per_class: int = 64
-    discrepancy: str = "prob_gap"
-    tau: float = 0.5
-    supplement_ratio: float = 0.5
-    supplement_weight: float = 1.0
-    pair_quantile: float = 0.25
-    oversample: float = 2.0
-    dpo: bool = True
-    selection: str = "discrepancy"
-
-    def due(self, round_idx: int, last_round: int) -> bool:
-        """Supplement after aggregation of this round? Never after the last one (nobody trains on it)."""
-        return (round_idx >= self.warmup_rounds and round_idx < last_round
-                and (round_idx - self.warmup_rounds) % self.supplement_every == 0)
 
 
 class Scorer:

@@ -1,0 +1,27 @@
+"""FedDPD's own settings: the `feddpd:` YAML section. Its defaults are the YAML defaults
+(config.py reads them from here)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FedDPDSettings:
+    """The `feddpd:` YAML section (DESIGN.md section 1)."""
+
+    warmup_rounds: int = 20
+    supplement_every: int = 40
+    pool_per_class: int = 64
+    discrepancy: str = "prob_gap"
+    tau: float = 0.5
+    supplement_ratio: float = 0.5
+    supplement_weight: float = 1.0
+    pair_quantile: float = 0.25
+    oversample: float = 2.0
+    dpo: bool = True
+    selection: str = "discrepancy"
+
+    def due(self, round_idx: int, last_round: int) -> bool:
+        """Supplement after aggregation of this round? Never after the last one (nobody trains on it)."""
+        return (round_idx >= self.warmup_rounds and round_idx < last_round
+                and (round_idx - self.warmup_rounds) % self.supplement_every == 0)

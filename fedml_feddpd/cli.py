@@ -18,6 +18,8 @@ def _parser() -> argparse.ArgumentParser:
     compare = verbs.add_parser("compare", help="run a suite of methods x settings x seeds (resumable)")
     compare.add_argument("--cf", required=True, help="compare suite YAML (see configs/compare_digits.yaml)")
     compare.add_argument("--out", default=None, help="output folder (default: the suite's output_dir)")
+    compare.add_argument("--workers", type=int, default=1,
+                         help="runs at once, each in its own process (default 1; 2 suits a 2-core machine)")
     compare.add_argument("--no-progress", action="store_true")
     report = verbs.add_parser("report", help="rebuild report.md and curves from a compare folder's results.json")
     report.add_argument("dir")
@@ -52,7 +54,7 @@ def _compare_or_report(args) -> int:
     from .compare import rebuild_report, run_suite
 
     try:
-        out = run_suite(args.cf, args.out, not args.no_progress) if args.verb == "compare" else rebuild_report(args.dir)
+        out = run_suite(args.cf, args.out, not args.no_progress, args.workers) if args.verb == "compare" else rebuild_report(args.dir)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"feddpd: error: {exc}", file=sys.stderr)
         return 2

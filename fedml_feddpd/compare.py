@@ -78,24 +78,49 @@ def load_suite(path: str) -> tuple[dict, dict[tuple[str, str, int], RunConfig]]:
     return suite, runs
 
 
-def run_suite(path: str, out_dir: str | None = None, show_progress: bool = True) -> Path:
+def run_suite(path: str, out_dir: str | None = None, show_progress: bool = True, workers: int = 1) -> Path:
+    """Run every unfinished run of the suite, `workers` at a time (each in its own spawned process,
+    so with 2 cores two 1-thread runs use the machine better than one), then write the report."""
     from tqdm.auto import tqdm
 
-    from .runner import run
-
     suite, runs = load_suite(path)
+    if workers < 1:
+        raise ConfigError(f"--workers: expected an integer >= 1, got {workers}")
     out = Path(out_dir or suite.get("output_dir") or "runs/compare")
     todo = {k: cfg for k, cfg in runs.items() if not (_run_dir(out, *k) / "metrics.json").is_file()}
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="compare", unit="run", disable=not show_progress)
-    for (s_name, m_name, seed), cfg in todo.items():
-        bar.set_postfix_str(f"{s_name} {m_name} seed {seed}")
-        run(cfg, _run_dir(out, s_name, m_name, seed), show_progress=False)
-        bar.update(1)
+    if workers == 1:
+        from .runner import run
+
+        for (s_name, m_name, seed), cfg in todo.items():
+            bar.set_postfix_str(f"{s_name} {m_name} seed {seed}")
+            run(cfg, _run_dir(out, s_name, m_name, seed), show_progress=False)
+            bar.update(1)
+    else:
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch/fork state shared
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            pending = {pool.submit(_run_one, cfg, str(_run_dir(out, *key))): key for key, cfg in todo.items()}
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    s_name, m_name, seed = pending.pop(fut)
+                    fut.result()  # a failed run stops the suite with its own error
+                    bar.set_postfix_str(f"done {s_name} {m_name} seed {seed}")
+                    bar.update(1)
     bar.close()
     results = collect(out, suite)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_report(out, results)
     return out
+
+
+def _run_one(cfg: RunConfig, out_dir: str) -> None:
+    from .runner import run
+
+    run(cfg, out_dir, show_progress=False)
 
 
 def _run_dir(out: Path, setting: str, method: str, seed: int) -> Path:

@@ -30,7 +30,8 @@ def test_compare_writes_report_and_resumes(tiny_suite, capsys):
     from fedml_feddpd.cli import main
 
     path, out = tiny_suite
-    assert main(["compare", "--cf", str(path), "--no-progress"]) == 0
+    # two runs at once, each in a spawned process (the path the real suite takes with --workers 2)
+    assert main(["compare", "--cf", str(path), "--no-progress", "--workers", "2"]) == 0
     results = json.loads((out / "results.json").read_text())
     entry = results["settings"]["IF=10"]
     assert set(entry) == {"FedAvg", "Oracle"}

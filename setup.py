@@ -25,7 +25,10 @@ setup(
         "scikit-learn",
         "tqdm",
         "matplotlib",
+        # gRPC cross-silo (fedml's own `grpc` extra)
+        "grpcio",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout"]},
+    # mpi4py's wheels load the system MPI at run time (Debian: openmpi-bin libopenmpi-dev; .ci/run installs it)
+    extras_require={"test": ["pytest>=7", "pytest-timeout", "mpi4py>=4"]},
     entry_points={"console_scripts": ["feddpd=fedml_feddpd.cli:main"]},
 )

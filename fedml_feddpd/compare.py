@@ -7,7 +7,8 @@
     settings: {IF=10: {data_args: {imbalance_factor: 10}}}  # name -> overrides
     methods: {FedAvg: {train_args: {federated_optimizer: FedAvg}}, ...}
 
-A run whose metrics.json exists is skipped, so a killed suite resumes where it stopped.
+A run whose metrics.json exists is skipped, and an interrupted run continues from its last
+checkpoint, so a killed suite resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -78,9 +79,11 @@ def load_suite(path: str) -> tuple[dict, dict[tuple[str, str, int], RunConfig]]:
     return suite, runs
 
 
-def run_suite(path: str, out_dir: str | None = None, show_progress: bool = True, workers: int = 1) -> Path:
+def run_suite(path: str, out_dir: str | None = None, show_progress: bool = True, workers: int = 1,
+              collect_only: bool = False) -> Path:
     """Run every unfinished run of the suite, `workers` at a time (each in its own spawned process,
-    so with 2 cores two 1-thread runs use the machine better than one), then write the report."""
+    so with 2 cores two 1-thread runs use the machine better than one), then write the report.
+    `collect_only`: start nothing, report the runs that have finished (partial cells say so)."""
     from tqdm.auto import tqdm
 
     suite, runs = load_suite(path)
@@ -88,13 +91,16 @@ def run_suite(path: str, out_dir: str | None = None, show_progress: bool = True,
         raise ConfigError(f"--workers: expected an integer >= 1, got {workers}")
     out = Path(out_dir or suite.get("output_dir") or "runs/compare")
     todo = {k: cfg for k, cfg in runs.items() if not (_run_dir(out, *k) / "metrics.json").is_file()}
+    if collect_only:
+        todo = {}
+        out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="compare", unit="run", disable=not show_progress)
     if workers == 1:
         from .runner import run
 
         for (s_name, m_name, seed), cfg in todo.items():
             bar.set_postfix_str(f"{s_name} {m_name} seed {seed}")
-            run(cfg, _run_dir(out, s_name, m_name, seed), show_progress=False)
+            run(cfg, _run_dir(out, s_name, m_name, seed), show_progress=False, resume=True)
             bar.update(1)
     else:
         import multiprocessing
@@ -120,7 +126,7 @@ def run_suite(path: str, out_dir: str | None = None, show_progress: bool = True,
 def _run_one(cfg: RunConfig, out_dir: str) -> None:
     from .runner import run
 
-    run(cfg, out_dir, show_progress=False)
+    run(cfg, out_dir, show_progress=False, resume=True)
 
 
 def _run_dir(out: Path, setting: str, method: str, seed: int) -> Path:
@@ -128,13 +134,18 @@ def _run_dir(out: Path, setting: str, method: str, seed: int) -> Path:
 
 
 def collect(out: Path, suite: dict) -> dict:
+    """Every finished run's figures; a method x setting with fewer seeds lists the ones it has."""
     results = {"seeds": suite["seeds"], "settings": {}}
     for s_name in suite["settings"]:
         per_method = results["settings"][s_name] = {}
         for m_name in suite["methods"]:
-            runs = [json.loads((_run_dir(out, s_name, m_name, s) / "metrics.json").read_text())
-                    for s in suite["seeds"]]
-            entry = per_method[m_name] = {"privacy": runs[0].get("privacy"), "method": runs[0]["method"]}
+            done = [s for s in suite["seeds"] if (_run_dir(out, s_name, m_name, s) / "metrics.json").is_file()]
+            runs = [json.loads((_run_dir(out, s_name, m_name, s) / "metrics.json").read_text()) for s in done]
+            if not runs:
+                per_method[m_name] = {"seeds": [], "privacy": None, "method": None}
+                continue
+            entry = per_method[m_name] = {"seeds": done, "privacy": runs[0].get("privacy"),
+                                          "method": runs[0]["method"]}
             for key in ("top1", "balanced_accuracy"):
                 vals = np.array([r["final"][key] for r in runs])
                 entry[key] = {"values": vals.tolist(), "mean": float(vals.mean()), "std": float(vals.std())}
@@ -163,28 +174,41 @@ def write_report(out: Path, results: dict) -> None:
     best = {}
     for s in settings:
         for key in ("top1", "balanced_accuracy"):
-            cands = [m for m in methods if results["settings"][s][m]["method"] != "Oracle"]
+            cands = [m for m in methods if results["settings"][s][m]["seeds"]
+                     and results["settings"][s][m]["method"] != "Oracle"]
             best[(s, key)] = max(cands, key=lambda m: results["settings"][s][m][key]["mean"]) if cands else None
+    partial = False
     for m in methods:
         cells = []
         for s in settings:
+            e_m = results["settings"][s][m]
             for key in ("top1", "balanced_accuracy"):
-                e = results["settings"][s][m][key]
+                if not e_m["seeds"]:
+                    cells.append("not run")
+                    continue
+                e = e_m[key]
                 cell = f"{100 * e['mean']:.1f} ± {100 * e['std']:.1f}"
+                if len(e_m["seeds"]) < len(results["seeds"]):
+                    cell += f" (seeds {', '.join(map(str, e_m['seeds']))})"
+                    partial = True
                 cells.append(f"**{cell}**" if best[(s, key)] == m else cell)
-        first = results["settings"][settings[0]][m]
-        note = "" if "within" in (first["privacy"] or "within") else " †"
-        lines.append(f"| {m}{note} | " + " | ".join(cells) +
-                     f" | {first['wall_seconds']:.0f} | {first['client_seconds_total']:.0f} | "
-                     f"{first['server_seconds_total']:.0f} |")
-    lines += ["", "† crosses FedAvg's privacy boundary or is not deployable: " + "; ".join(
-        sorted({f"{m}: {results['settings'][settings[0]][m]['privacy']}" for m in methods
-                if "within" not in (results['settings'][settings[0]][m]['privacy'] or 'within')}))]
-    lines += ["", "Times: mean per run in the first setting (seconds)."]
+        first = next((results["settings"][s][m] for s in settings if results["settings"][s][m]["seeds"]), None)
+        note = "" if first is None or "within" in (first["privacy"] or "within") else " †"
+        times = (f" {first['wall_seconds']:.0f} | {first['client_seconds_total']:.0f} | "
+                 f"{first['server_seconds_total']:.0f} |") if first else " | | |"
+        lines.append(f"| {m}{note} | " + " | ".join(cells) + " |" + times)
+    crossing = sorted({f"{m}: {e['privacy']}" for s in settings for m, e in results["settings"][s].items()
+                       if e["seeds"] and "within" not in (e["privacy"] or "within")})
+    lines += ["", "† crosses FedAvg's privacy boundary or is not deployable: " + "; ".join(crossing)]
+    if partial:
+        lines += ["", "Cells with a seed list are partial: the suite has not finished those runs."]
+    lines += ["", "Times: mean seconds per run in the first setting the method has run in."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     for s in settings:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for m in methods:
+            if not results["settings"][s][m]["seeds"]:
+                continue
             mean = np.array(results["settings"][s][m]["curve_mean"])
             std = np.array(results["settings"][s][m]["curve_std"])
             x = np.arange(len(mean))
@@ -192,7 +216,8 @@ def write_report(out: Path, results: dict) -> None:
             ax.fill_between(x, mean - std, mean + std, alpha=0.15)
         ax.set(xlabel="round", ylabel="global top-1 (test)", title=f"{s}: accuracy per round (mean ± std)")
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / f"curves_{_slug(s)}.png", dpi=110)
         plt.close(fig)

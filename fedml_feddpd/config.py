@@ -24,7 +24,8 @@ FEDML_DATASETS = ("mnist", "femnist", "cifar10")
 DATASETS = ("digits",) + FEDML_DATASETS
 SUPPLEMENT_METHODS = ("FedDPD", "FedDiff", "Balance", "Oracle")  # methods with a server-side supplement step
 OPTIMIZERS = ("FedAvg", "FedProx") + SUPPLEMENT_METHODS
-BACKENDS = ("sp",)
+BACKENDS = ("sp", "MPI", "GRPC")  # FedML's sp and MPI simulation, gRPC cross-silo (fedml_feddpd/distributed/)
+TRAINING_TYPES = ("simulation", "cross_silo")
 
 
 _FEDDPD = FedDPDSettings()  # the feddpd section's defaults live on the dataclass that consumes it
@@ -80,7 +81,7 @@ def _off(key: str) -> Key:
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "common_args": {
-        "training_type": _choice(("simulation",)),
+        "training_type": _choice(TRAINING_TYPES),
         "random_seed": _int(0, 0),
         "scenario": _choice(("horizontal",), "horizontal"),
         "using_mlops": _off("using_mlops"),
@@ -123,7 +124,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "gpu_id": _int(0, 0),
         "worker_num": _int(1, 1),
     },
-    "comm_args": {"backend": _choice(BACKENDS, "sp"), "is_mobile": _int(0, 0)},
+    "comm_args": {
+        "backend": _choice(BACKENDS, "sp"),
+        "is_mobile": _int(0, 0),
+        # cross-silo: FedML's ip config CSV (eid,rank,grpc_server_ip,grpc_server_port); "" = generated on 127.0.0.1
+        "grpc_ipconfig_path": _str(""),
+        # gRPC: the longest a party waits without hearing from a peer before it stops with an error
+        "comm_timeout_s": _float(0.0, default=600.0, low_open=True),
+    },
     "tracking_args": {
         "enable_tracking": _off("enable_tracking"),
         "enable_wandb": _off("enable_wandb"),
@@ -140,6 +148,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "generator_threads": _int(0, 0),  # pretraining and sampling; 0 = all cores
         # also run this method on the same split afterwards and print both (none = off)
         "baseline": _choice(("none", "FedAvg", "FedProx"), "none"),
+        # checkpoint into the run folder every N rounds (and after the last); 0 = never (no --resume)
+        "checkpoint_every": _int(0, 1),
     },
     "feddpd": {
         "warmup_rounds": _int(0, _FEDDPD.warmup_rounds),
@@ -265,6 +275,7 @@ def _check_across_keys(s: dict[str, dict[str, Any]]) -> None:
             f"data_args.imbalance_factor: expected 1 for FedML's own '{data['dataset']}' loader "
             f"(global imbalance is built for dataset: digits), got {data['imbalance_factor']}")
     method = train["federated_optimizer"]
+    _check_backend(s, method)
     if method in SUPPLEMENT_METHODS and data["dataset"] != "digits":
         raise ConfigError(f"data_args.dataset: {method} needs the server's public split, which only dataset: "
                           f"digits provides; got '{data['dataset']}'")
@@ -277,6 +288,22 @@ def _check_across_keys(s: dict[str, dict[str, Any]]) -> None:
     from .models import check_model_name  # local: models imports torch
 
     check_model_name(model["model"], data["dataset"])
+
+
+def _check_backend(s: dict[str, dict[str, Any]], method: str) -> None:
+    training_type, backend = s["common_args"]["training_type"], s["comm_args"]["backend"]
+    wanted = {"simulation": ("sp", "MPI"), "cross_silo": ("GRPC",)}[training_type]
+    if backend not in wanted:
+        raise ConfigError(f"comm_args.backend: training_type {training_type} runs on "
+                          f"{' or '.join(wanted)}, got {backend!r}")
+    if backend == "sp":
+        return
+    if method not in ("FedAvg",) + SUPPLEMENT_METHODS:
+        raise ConfigError(f"train_args.federated_optimizer: backend {backend} runs FedAvg and the supplement methods "
+                          f"({', '.join(SUPPLEMENT_METHODS)}); {method} runs on backend sp")
+    if s["run_args"]["baseline"] != "none":
+        raise ConfigError(f"run_args.baseline: expected none with backend {backend} (run the baseline's own config), "
+                          f"got {s['run_args']['baseline']!r}")
 
 
 def load_config(path: str | os.PathLike) -> RunConfig:

@@ -71,7 +71,33 @@ class RoundHooks:
       uploads are copied before FedML averages, then `after_aggregation` sees them with client ids.
     * `_local_test_on_all_clients` (fedavg_api.py:111-120) is the per-round test hook; the runner
       forces `frequency_of_the_test = 1` so it fires every round and we evaluate on our own schedule.
+    * Resuming: `train()` always counts rounds from 0 (fedavg_api.py:71) and starts from the trainer's
+      current parameters (:68). `train_from(start)` runs `comm_round - start` rounds and the hooks add
+      `start` to FedML's round index, so sampling (seeded by the round, fedavg_api.py:132) and every
+      record see the true round.
     """
+
+    round_offset = 0
+
+    def train_from(self, start_round: int) -> None:
+        total = self.args.comm_round
+        self.round_offset, self.args.comm_round = start_round, total - start_round
+        # fedavg_api.py:68 takes the trainer's *live* state dict (ModelTrainerCLS.get_model_params,
+        # ml/trainer/my_model_trainer_classification.py:15) as the first round's global model; each
+        # client loads its deepcopy into the shared model and trains it in place, so without a copy
+        # client i would start from client i-1's trained weights in that round.
+        trainer = self.model_trainer
+
+        def first_call_copies():
+            del trainer.get_model_params  # back to the class's method
+            return copy.deepcopy(trainer.get_model_params())
+
+        trainer.get_model_params = first_call_copies
+        try:
+            self.train()
+        finally:
+            trainer.__dict__.pop("get_model_params", None)
+            self.round_offset, self.args.comm_round = 0, total
 
     def install_round_hooks(self, on_round_end, after_aggregation=None):
         self._on_round_end = on_round_end
@@ -93,6 +119,7 @@ class RoundHooks:
         return timed_train
 
     def _client_sampling(self, round_idx, client_num_in_total, client_num_per_round):
+        round_idx += self.round_offset
         clients = super()._client_sampling(round_idx, client_num_in_total, client_num_per_round)
         self.round_idx = round_idx
         self.round_clients = [int(c) for c in clients]
@@ -115,7 +142,7 @@ class RoundHooks:
         return w_global
 
     def _local_test_on_all_clients(self, round_idx):
-        self._on_round_end(round_idx)
+        self._on_round_end(round_idx + self.round_offset)
 
     _local_test_on_validation_set = _local_test_on_all_clients
 

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from importlib import metadata
@@ -62,6 +63,7 @@ class RoundRecorder:
         self.eval_every, self.rounds = eval_every, rounds
         self.records: list[dict] = []
         self.server_step = None
+        self.checkpointer = None  # set by the runner; saves at the end of each round
         self.bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not show_progress)
         self._round_start = time.perf_counter()
 
@@ -86,6 +88,8 @@ class RoundRecorder:
         record["wall_seconds"] = now - self._round_start
         self._round_start = now
         self.records.append(record)
+        if self.checkpointer is not None:
+            self.checkpointer.maybe_save(round_idx)
         self.bar.update(1)
 
 
@@ -101,6 +105,7 @@ class Experiment:
     recorder: RoundRecorder
     generator_info: Optional[dict] = None
     started: float = 0.0
+    checkpointer: object = None
 
 
 def prepare(cfg: RunConfig, show_progress: bool = True) -> Experiment:
@@ -131,14 +136,24 @@ def prepare(cfg: RunConfig, show_progress: bool = True) -> Experiment:
     return Experiment(cfg, args, data, model, api, recorder, generator_info, started)
 
 
-def execute(exp: Experiment) -> dict:
-    """Run FedML's round loop to the end and collect the results."""
+def execute(exp: Experiment, checkpoint_dir: Optional[Path] = None, resume: bool = False) -> dict:
+    """Run FedML's round loop to the end and collect the results. With `checkpoint_dir`, checkpoint
+    there every `run_args.checkpoint_every` rounds; with `resume`, continue from its checkpoint."""
+    from .checkpoint import Checkpointer, read_checkpoint
+
+    start = 0
+    if checkpoint_dir is not None and exp.cfg["checkpoint_every"]:
+        exp.checkpointer = exp.recorder.checkpointer = Checkpointer(exp, checkpoint_dir, exp.cfg["checkpoint_every"])
+        state = read_checkpoint(checkpoint_dir, exp.cfg) if resume else None
+        if state is not None:
+            start = exp.checkpointer.restore(state)
     try:
-        exp.api.train()
+        exp.api.train_from(start)
     finally:
         exp.recorder.bar.close()
     args, data, records = exp.args, exp.data, exp.recorder.records
     evaluated = [r for r in records if "top1" in r]
+    ckpt = exp.checkpointer
     return {
         "method": args.federated_optimizer,
         "dataset": args.dataset,
@@ -149,7 +164,8 @@ def execute(exp: Experiment) -> dict:
         "rounds": records,
         "client_seconds_total": sum(r["client_seconds"] for r in records),
         "server_seconds_total": sum(r["server_seconds"] for r in records),
-        "wall_seconds": time.perf_counter() - exp.started,
+        "wall_seconds": (ckpt.elapsed_before if ckpt else 0.0) + time.perf_counter() - exp.started,
+        "resumed_from_round": ckpt.resumed_from if ckpt else None,
         "generator": exp.generator_info,
         "privacy": privacy_note(exp.recorder.server_step),
         "data": {"train_samples": data.fedml_dataset[0], "test_samples": data.fedml_dataset[1],
@@ -171,17 +187,47 @@ def with_method(cfg: RunConfig, method: str) -> RunConfig:
     return RunConfig(sections, cfg.source)
 
 
-def run(cfg: RunConfig, out_dir: Optional[str | os.PathLike] = None, show_progress: bool = True) -> dict:
+def run(cfg: RunConfig, out_dir: Optional[str | os.PathLike] = None, show_progress: bool = True,
+        resume: bool = False) -> dict:
     """Run one configuration to the end and write metrics.json + config.yaml into `out_dir`
     (built in a temporary sibling folder and moved into place only on success). With
-    `run_args.baseline`, that method also runs on the same split, into `out_dir/baseline_<method>`."""
-    result = execute(prepare(cfg, show_progress))
+    `run_args.baseline`, that method also runs on the same split, into `out_dir/baseline_<method>`.
+
+    Until it finishes, `out_dir` holds only checkpoints and an INCOMPLETE note (checkpoint.py);
+    `resume=True` continues from them (a finished run is returned as it is)."""
+    if cfg["backend"] != "sp":  # MPI ranks and gRPC parties: fedml_feddpd/distributed/
+        from .distributed import run_distributed
+
+        return run_distributed(cfg, out_dir, show_progress, resume)
+    from .checkpoint import read_checkpoint
+
+    out = Path(out_dir) if out_dir else default_out_dir(cfg)
+    base_cfg = with_method(cfg, cfg["baseline"]) if cfg["baseline"] != "none" else None
+    base_dir = out / f"baseline_{cfg['baseline']}"
+    if resume:
+        if (out / "metrics.json").is_file():
+            return finished_result(out, base_cfg is not None and base_dir)
+        # unreadable checkpoints or ones from another config stop here, before any work
+        read_checkpoint(out, cfg)
+        if base_cfg is not None:
+            read_checkpoint(base_dir, base_cfg)
+    elif (out / "checkpoint.pt").is_file():
+        print(f"feddpd: {out} holds an unfinished run; starting over (pass --resume to continue it)",
+              file=sys.stderr)
+    result = execute(prepare(cfg, show_progress), out, resume)
     extra = {}
-    if cfg["baseline"] != "none":
-        base_cfg = with_method(cfg, cfg["baseline"])
-        result["baseline"] = execute(prepare(base_cfg, show_progress))
-        extra[f"baseline_{cfg['baseline']}"] = (result["baseline"], base_cfg)
-    write_outputs(Path(out_dir) if out_dir else default_out_dir(cfg), result, cfg, extra)
+    if base_cfg is not None:
+        result["baseline"] = execute(prepare(base_cfg, show_progress), base_dir, resume)
+        extra[base_dir.name] = (result["baseline"], base_cfg)
+    write_outputs(out, result, cfg, extra)
+    return result
+
+
+def finished_result(out: Path, base_dir) -> dict:
+    result = json.loads((out / "metrics.json").read_text())
+    if base_dir:
+        result["baseline"] = json.loads((base_dir / "metrics.json").read_text())
+    result["out_dir"] = str(out)
     return result
 
 

@@ -82,6 +82,30 @@ class GeneratorService:
         add_adapter(unet, name, settings)
         return train_dpo_adapter(unet, self.generator.scheduler, name, chosen, rejected, labels, settings)
 
+    def adapter_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every client adapter's LoRA weights (for checkpoints)."""
+        from .generation import adapter_parameters
+        from .generation.adapters import adapter_names
+
+        unet = self.generator.unet
+        return {name: {k: p.detach().clone() for k, p in adapter_parameters(unet, name).items()}
+                for name in adapter_names(unet)}
+
+    def load_adapter_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        from .generation import add_adapter, adapter_parameters, delete_adapter, has_adapter
+
+        unet = self.generator.unet
+        for name, weights in states.items():
+            if has_adapter(unet, name):
+                delete_adapter(unet, name)
+            add_adapter(unet, name, self.dpo_settings)
+            params = adapter_parameters(unet, name)
+            if set(params) != set(weights):
+                raise ValueError(f"adapter {name!r} in the checkpoint does not fit this generator")
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(weights[k])
+
 
 class SupplementPolicy:
     """Chooses each client's supplement. Subclasses override `build_supplements`."""
@@ -176,6 +200,28 @@ class StageTimer:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
+class PrivacyBoundaryError(RuntimeError):
+    """Something other than model parameters and a sample count tried to reach the server step."""
+
+
+def check_boundary(uploads, model_shapes: dict) -> None:
+    """The privacy boundary as code: each upload is a ClientUpload (frozen: nothing can be attached)
+    whose state dict holds exactly the model's parameters and buffers, with their shapes."""
+    for up in uploads:
+        if type(up) is not ClientUpload:
+            raise PrivacyBoundaryError(f"server step received a {type(up).__name__}; only ClientUpload(client_id, "
+                                       "num_samples, state_dict) may cross")
+        extra = sorted(set(up.state_dict) - set(model_shapes))
+        if extra:
+            raise PrivacyBoundaryError(f"client {up.client_id}'s upload carries {extra[0]!r}, which is not a model "
+                                       "parameter; only parameters and the sample count cross")
+        bad = [k for k, shape in model_shapes.items() if k not in up.state_dict
+               or tuple(up.state_dict[k].shape) != shape]
+        if bad or not isinstance(up.num_samples, int):
+            raise PrivacyBoundaryError(f"client {up.client_id}'s upload does not match the model "
+                                       f"({bad[0] if bad else 'num_samples'})")
+
+
 class ServerStep:
     """Runs the policy after aggregation on the rounds the settings name and delivers supplements."""
 
@@ -183,18 +229,25 @@ class ServerStep:
                  deliver: Callable[[int, Supplement], None]):
         self.policy, self.scorer, self.generator = policy, scorer, generator
         self.last_round, self.deliver = last_round, deliver
+        self._shapes = {k: tuple(v.shape) for k, v in scorer.model.state_dict().items()}
         self.log: dict[int, dict] = {}
+        self.delivered: dict[int, Supplement] = {}  # what each client holds now (checkpoints restore it)
         self.status: Optional[Callable[[str], None]] = None  # the runner points this at its progress bar
 
     def __call__(self, round_idx: int, global_state: dict, uploads: list[ClientUpload]) -> None:
         if not self.policy.settings.due(round_idx, self.last_round):
             return
+        check_boundary(uploads, self._shapes)
         timer = StageTimer(self.status)
         supplements = self.policy.build_supplements(round_idx, global_state, uploads, self.scorer,
                                                     self.generator, timer)
         for cid, sup in supplements.items():
-            self.deliver(cid, sup)
+            self.deliver_supplement(cid, sup)
         self.log[round_idx] = {
             "server_stage_seconds": timer.seconds,
             "supplements": {str(cid): {**sup.stats, "bytes": sup.nbytes} for cid, sup in supplements.items()},
         }
+
+    def deliver_supplement(self, cid: int, supplement: Supplement) -> None:
+        self.delivered[cid] = supplement
+        self.deliver(cid, supplement)

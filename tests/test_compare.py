@@ -46,6 +46,12 @@ def test_compare_writes_report_and_resumes(tiny_suite, capsys):
     assert metrics.stat().st_mtime_ns == stamp  # finished runs are skipped
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0 and (out / "report.md").read_text() == report
+    # a suite still running: --collect-only reports what has finished and says which cells are partial
+    os.remove(out / "runs" / "IF=10" / "Oracle" / "seed0" / "metrics.json")
+    assert main(["compare", "--cf", str(path), "--no-progress", "--collect-only"]) == 0
+    partial = (out / "report.md").read_text()
+    assert "| Oracle | not run | not run |" in partial and "| FedAvg | **" in partial
+    assert not (out / "runs" / "IF=10" / "Oracle" / "seed0" / "metrics.json").exists()  # nothing was run
 
 
 def test_compare_rejects_bad_method_before_running(tiny_suite, capsys):

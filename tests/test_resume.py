@@ -1,0 +1,113 @@
+"""A run killed with SIGKILL mid-run resumes from its checkpoint to the same metrics as an uninterrupted
+run; unusable checkpoints stop `--resume` with one line and exit 2, leaving the folder as it was."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, shrink
+from test_determinism import _strip
+
+ROUNDS = 4
+
+
+def _tiny_feddpd(tmp_path):
+    raw = shrink(yaml.safe_load(open(os.path.join(ROOT, "configs", "digits_feddpd.yaml"))))
+    raw["train_args"]["comm_round"] = ROUNDS
+    # supplements after rounds 0 and 2; the kill lands between them, so DPO adapters, supplements and
+    # loader states all have to come back from the checkpoint
+    raw["feddpd"].update(warmup_rounds=0, supplement_every=2, tau=0.0, pool_per_class=6)
+    raw["generator"].update(pretrain_steps=10, sample_steps=4, cache_dir=str(tmp_path / "gen"))
+    raw["dpo_args"].update(max_steps=3, batch_size=4)
+    raw["run_args"].update(baseline="none", output_dir=str(tmp_path / "runs"))
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return raw, path
+
+
+def _checkpoint_round(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)["round"]
+    except Exception:  # not there yet
+        return -1
+
+
+def test_sigkill_mid_run_resumes_to_identical_metrics(tmp_path):
+    from fedml_feddpd.cli import main
+    from fedml_feddpd.config import validate
+    from fedml_feddpd.runner import run
+
+    raw, path = _tiny_feddpd(tmp_path)
+    reference = run(validate(raw, str(path)), tmp_path / "ref", show_progress=False)
+    assert reference["resumed_from_round"] is None
+    assert not (tmp_path / "ref" / "checkpoint.pt").exists()  # the finished folder holds results only
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "fedml_feddpd", "run", "--cf", str(path), "--out", str(out),
+                             "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while _checkpoint_round(out / "checkpoint.pt") < 1 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = _checkpoint_round(out / "checkpoint.pt")
+    assert 1 <= killed_at < ROUNDS - 1
+    assert not (out / "metrics.json").exists() and (out / "INCOMPLETE").is_file()
+
+    assert main(["run", "--cf", str(path), "--out", str(out), "--resume", "--no-progress"]) == 0
+    resumed = run(validate(raw, str(path)), out, show_progress=False, resume=True)  # finished: read back
+    assert resumed["resumed_from_round"] == killed_at
+    assert _strip(resumed["rounds"]) == _strip(reference["rounds"])
+    assert resumed["final"] == reference["final"]
+    assert sorted(os.listdir(out)) == ["config.yaml", "metrics.json"]
+    # supplements were delivered both before and after the kill
+    supplied = [r["round"] for r in resumed["rounds"] if r.get("server_step", {}).get("supplements")]
+    assert supplied == [0, 2] and killed_at in (1, 2)
+
+
+@pytest.fixture
+def half_run(tmp_path):
+    """The folder of an interrupted run: a checkpoint of round 0 and no results."""
+    from fedml_feddpd.checkpoint import CHECKPOINT, FORMAT, _run_identity
+    from fedml_feddpd.config import validate
+
+    raw, path = _tiny_feddpd(tmp_path)
+    out = tmp_path / "half"
+    out.mkdir()
+    torch.save({"format": FORMAT, "config": _run_identity(validate(raw, str(path)).sections), "round": 0},
+               out / CHECKPOINT)
+    return raw, path, out
+
+
+def test_truncated_checkpoint_is_one_line_exit_2(half_run, capsys):
+    from fedml_feddpd.cli import main
+
+    raw, path, out = half_run
+    ckpt = out / "checkpoint.pt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    assert main(["run", "--cf", str(path), "--out", str(out), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"feddpd: error: checkpoint {ckpt}: unreadable (truncated or corrupt: ")
+    assert err.endswith("delete it to start over")
+    assert sorted(os.listdir(out)) == ["checkpoint.pt"]  # nothing written, nothing removed
+
+
+def test_checkpoint_of_another_config_is_refused(half_run, capsys):
+    from fedml_feddpd.cli import main
+
+    raw, path, out = half_run
+    raw["train_args"]["learning_rate"] = 0.05
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["run", "--cf", str(path), "--out", str(out), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"feddpd: error: checkpoint {out / 'checkpoint.pt'} was written by another config "
+                   "(train_args.learning_rate: checkpoint has 0.1, config has 0.05); expected the same config to resume")

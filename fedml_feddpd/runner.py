@@ -136,15 +136,14 @@ def prepare(cfg: RunConfig, show_progress: bool = True) -> Experiment:
     return Experiment(cfg, args, data, model, api, recorder, generator_info, started)
 
 
-def execute(exp: Experiment, checkpoint_dir: Optional[Path] = None, resume: bool = False) -> dict:
+def execute(exp: Experiment, checkpoint_dir: Optional[Path] = None, state: Optional[dict] = None) -> dict:
     """Run FedML's round loop to the end and collect the results. With `checkpoint_dir`, checkpoint
-    there every `run_args.checkpoint_every` rounds; with `resume`, continue from its checkpoint."""
-    from .checkpoint import Checkpointer, read_checkpoint
+    there every `run_args.checkpoint_every` rounds; with a checkpoint's `state`, continue from it."""
+    from .checkpoint import Checkpointer
 
     start = 0
     if checkpoint_dir is not None and exp.cfg["checkpoint_every"]:
         exp.checkpointer = exp.recorder.checkpointer = Checkpointer(exp, checkpoint_dir, exp.cfg["checkpoint_every"])
-        state = read_checkpoint(checkpoint_dir, exp.cfg) if resume else None
         if state is not None:
             start = exp.checkpointer.restore(state)
     try:
@@ -204,20 +203,21 @@ def run(cfg: RunConfig, out_dir: Optional[str | os.PathLike] = None, show_progre
     out = Path(out_dir) if out_dir else default_out_dir(cfg)
     base_cfg = with_method(cfg, cfg["baseline"]) if cfg["baseline"] != "none" else None
     base_dir = out / f"baseline_{cfg['baseline']}"
+    state = base_state = None
     if resume:
         if (out / "metrics.json").is_file():
             return finished_result(out, base_cfg is not None and base_dir)
         # unreadable checkpoints or ones from another config stop here, before any work
-        read_checkpoint(out, cfg)
+        state = read_checkpoint(out, cfg)
         if base_cfg is not None:
-            read_checkpoint(base_dir, base_cfg)
+            base_state = read_checkpoint(base_dir, base_cfg)
     elif (out / "checkpoint.pt").is_file():
         print(f"feddpd: {out} holds an unfinished run; starting over (pass --resume to continue it)",
               file=sys.stderr)
-    result = execute(prepare(cfg, show_progress), out, resume)
+    result = execute(prepare(cfg, show_progress), out, state)
     extra = {}
     if base_cfg is not None:
-        result["baseline"] = execute(prepare(base_cfg, show_progress), base_dir, resume)
+        result["baseline"] = execute(prepare(base_cfg, show_progress), base_dir, base_state)
         extra[base_dir.name] = (result["baseline"], base_cfg)
     write_outputs(out, result, cfg, extra)
     return result

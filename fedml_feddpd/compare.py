@@ -96,11 +96,9 @@ def run_suite(path: str, out_dir: str | None = None, show_progress: bool = True,
         out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="compare", unit="run", disable=not show_progress)
     if workers == 1:
-        from .runner import run
-
         for (s_name, m_name, seed), cfg in todo.items():
             bar.set_postfix_str(f"{s_name} {m_name} seed {seed}")
-            run(cfg, _run_dir(out, s_name, m_name, seed), show_progress=False, resume=True)
+            _run_one(cfg, str(_run_dir(out, s_name, m_name, seed)))
             bar.update(1)
     else:
         import multiprocessing
@@ -157,6 +155,11 @@ def collect(out: Path, suite: dict) -> dict:
     return results
 
 
+def _crosses_boundary(entry: dict) -> bool:
+    """runner.privacy_note says "within FedAvg's boundary" for methods that stay inside it."""
+    return "within" not in (entry["privacy"] or "within")
+
+
 def write_report(out: Path, results: dict) -> None:
     """report.md (best non-oracle mean per column in bold) and curves_<setting>.png from results."""
     import matplotlib
@@ -193,12 +196,12 @@ def write_report(out: Path, results: dict) -> None:
                     partial = True
                 cells.append(f"**{cell}**" if best[(s, key)] == m else cell)
         first = next((results["settings"][s][m] for s in settings if results["settings"][s][m]["seeds"]), None)
-        note = "" if first is None or "within" in (first["privacy"] or "within") else " †"
+        note = " †" if first is not None and _crosses_boundary(first) else ""
         times = (f" {first['wall_seconds']:.0f} | {first['client_seconds_total']:.0f} | "
                  f"{first['server_seconds_total']:.0f} |") if first else " | | |"
         lines.append(f"| {m}{note} | " + " | ".join(cells) + " |" + times)
     crossing = sorted({f"{m}: {e['privacy']}" for s in settings for m, e in results["settings"][s].items()
-                       if e["seeds"] and "within" not in (e["privacy"] or "within")})
+                       if e["seeds"] and _crosses_boundary(e)})
     lines += ["", "† crosses FedAvg's privacy boundary or is not deployable: " + "; ".join(crossing)]
     if partial:
         lines += ["", "Cells with a seed list are partial: the suite has not finished those runs."]

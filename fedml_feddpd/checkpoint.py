@@ -9,6 +9,7 @@ checkpoint. While a run is unfinished its folder holds `checkpoint.pt` and an `I
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -37,13 +38,28 @@ def _run_identity(sections: dict) -> dict:
     return {s: {k: v for k, v in body.items() if (s, k) not in NEUTRAL_KEYS} for s, body in sections.items()}
 
 
-def _first_difference(a: dict, b: dict) -> str:
+def _first_difference(a: dict, b: dict, what: str = "checkpoint") -> str:
     for section in sorted(set(a) | set(b)):
         sa, sb = a.get(section, {}), b.get(section, {})
         for key in sorted(set(sa) | set(sb)):
             if sa.get(key) != sb.get(key):
-                return f"{section}.{key}: checkpoint has {sa.get(key)!r}, config has {sb.get(key)!r}"
+                return f"{section}.{key}: {what} has {sa.get(key)!r}, config has {sb.get(key)!r}"
     return "?"
+
+
+def read_finished(directory: Path, cfg) -> dict | None:
+    """metrics.json of the finished run in `directory`, None if it has none; CheckpointError (one
+    line) if another config made it, so a changed default never hides behind an old result."""
+    path = Path(directory) / "metrics.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    theirs = _run_identity(result.get("config") or {})
+    mine = json.loads(json.dumps(_run_identity(cfg.sections)))  # as metrics.json stores it
+    if theirs != mine:
+        raise CheckpointError(f"{path} was made by another config ({_first_difference(theirs, mine, 'that run')}); "
+                              "expected the same config: move or delete that folder to run it again")
+    return result
 
 
 def read_checkpoint(directory: Path, cfg) -> dict | None:

@@ -86,11 +86,14 @@ def run_suite(path: str, out_dir: str | None = None, show_progress: bool = True,
     `collect_only`: start nothing, report the runs that have finished (partial cells say so)."""
     from tqdm.auto import tqdm
 
+    from .checkpoint import read_finished
+
     suite, runs = load_suite(path)
     if workers < 1:
         raise ConfigError(f"--workers: expected an integer >= 1, got {workers}")
     out = Path(out_dir or suite.get("output_dir") or "runs/compare")
-    todo = {k: cfg for k, cfg in runs.items() if not (_run_dir(out, *k) / "metrics.json").is_file()}
+    # a finished run is skipped; one made by another config (a changed default) stops the suite here
+    todo = {k: cfg for k, cfg in runs.items() if read_finished(_run_dir(out, *k), cfg) is None}
     if collect_only:
         todo = {}
         out.mkdir(parents=True, exist_ok=True)

@@ -198,14 +198,14 @@ def run(cfg: RunConfig, out_dir: Optional[str | os.PathLike] = None, show_progre
         from .distributed import run_distributed
 
         return run_distributed(cfg, out_dir, show_progress, resume)
-    from .checkpoint import read_checkpoint
+    from .checkpoint import read_checkpoint, read_finished
 
     out = Path(out_dir) if out_dir else default_out_dir(cfg)
     base_cfg = with_method(cfg, cfg["baseline"]) if cfg["baseline"] != "none" else None
     base_dir = out / f"baseline_{cfg['baseline']}"
     state = base_state = None
     if resume:
-        if (out / "metrics.json").is_file():
+        if read_finished(out, cfg) is not None:
             return finished_result(out, base_cfg is not None and base_dir)
         # unreadable checkpoints or ones from another config stop here, before any work
         state = read_checkpoint(out, cfg)

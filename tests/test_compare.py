@@ -52,6 +52,15 @@ def test_compare_writes_report_and_resumes(tiny_suite, capsys):
     partial = (out / "report.md").read_text()
     assert "| Oracle | not run | not run |" in partial and "| FedAvg | **" in partial
     assert not (out / "runs" / "IF=10" / "Oracle" / "seed0" / "metrics.json").exists()  # nothing was run
+    # a changed setting never hides behind an old finished run: one line naming the folder and the key
+    suite = yaml.safe_load(path.read_text())
+    suite["common"]["train_args"]["learning_rate"] = 0.05
+    path.write_text(yaml.safe_dump(suite))
+    assert main(["compare", "--cf", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "FedAvg/seed0/metrics.json was made by another config" in err[0]
+    assert "train_args.learning_rate: that run has 0.1, config has 0.05" in err[0]
+    assert metrics.stat().st_mtime_ns == stamp
 
 
 def test_compare_rejects_bad_method_before_running(tiny_suite, capsys):

@@ -15,6 +15,7 @@ class BalancePolicy(SupplementPolicy):
 
     name = "Balance"
     uses_label_counts = True
+    reads_feddpd, uses_dpo_args = SupplementPolicy.SCHEDULE, False
 
     def __init__(self, settings, num_classes, seed, client_histograms: np.ndarray):
         super().__init__(settings, num_classes, seed)

@@ -15,6 +15,7 @@ class FedDiffPolicy(SupplementPolicy):
     """
 
     name = "FedDiff"
+    reads_feddpd, uses_dpo_args = SupplementPolicy.SCHEDULE + ("supplement_ratio",), False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

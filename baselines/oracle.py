@@ -17,6 +17,8 @@ class OraclePolicy(SupplementPolicy):
 
     name = "Oracle"
     uses_held_out_data = True
+    reads_feddpd = SupplementPolicy.SCHEDULE + ("supplement_ratio",)
+    uses_dpo_args = uses_generator = False
 
     def __init__(self, settings, num_classes, seed, held_out: tuple[torch.Tensor, torch.Tensor]):
         super().__init__(settings, num_classes, seed)

@@ -35,7 +35,21 @@ class CheckpointError(ConfigError):
 
 
 def _run_identity(sections: dict) -> dict:
-    return {s: {k: v for k, v in body.items() if (s, k) not in NEUTRAL_KEYS} for s, body in sections.items()}
+    """The settings a run's numbers depend on: all but NEUTRAL_KEYS and what its method never reads
+    (FedAvg/FedProx: no feddpd, dpo_args or generator; a baseline: the keys its policy lists), so a new
+    FedDPD default does not invalidate a finished FedAvg run. Applied to both sides of a comparison."""
+    from .runner import policy_class
+
+    cls = policy_class((sections.get("train_args") or {}).get("federated_optimizer"))
+    if cls is None:
+        ignored = {"feddpd", "dpo_args", "generator"}
+    else:
+        ignored = {s for s, used in (("dpo_args", cls.uses_dpo_args), ("generator", cls.uses_generator)) if not used}
+    keep = {s: {k: v for k, v in body.items() if (s, k) not in NEUTRAL_KEYS}
+            for s, body in sections.items() if s not in ignored}
+    if cls is not None and cls.reads_feddpd is not None and "feddpd" in keep:
+        keep["feddpd"] = {k: v for k, v in keep["feddpd"].items() if k in cls.reads_feddpd}
+    return keep
 
 
 def _first_difference(a: dict, b: dict, what: str = "checkpoint") -> str:
@@ -77,9 +91,10 @@ def read_checkpoint(directory: Path, cfg) -> dict | None:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: not a feddpd checkpoint of format {FORMAT}; delete it to start over")
     mine = _run_identity(cfg.sections)
-    if state["config"] != mine:
+    theirs = _run_identity(state["config"])
+    if theirs != mine:
         raise CheckpointError(f"checkpoint {path} was written by another config "
-                              f"({_first_difference(state['config'], mine)}); expected the same config to resume")
+                              f"({_first_difference(theirs, mine)}); expected the same config to resume")
     return state
 
 

@@ -245,7 +245,7 @@ def attach_server_step(cfg: RunConfig, args, data, model, api, show_progress: bo
     settings = FedDPDSettings(**cfg.sections["feddpd"])
     policy = make_policy(method, settings, data, seed)
     service, info = None, None
-    if method != "Oracle":  # the only supplement method that needs no generator
+    if policy.uses_generator:  # all but Oracle
         gen_cfg = GeneratorConfig(**cfg.sections["generator"])
         threads = cfg["generator_threads"] or os.cpu_count() or 1
         with torch_threads(threads):
@@ -272,19 +272,22 @@ def privacy_note(step) -> str:
     return "within FedAvg's boundary: model parameters and sample counts only"
 
 
-def make_policy(method: str, settings, data, seed: int):
-    """The supplement policy of a method: FedDPD's, or a baseline's (they differ only here)."""
+def policy_class(method: str):
+    """The supplement policy class of a method (None for FedAvg and FedProx, which have none)."""
     from .supplement import FedDPDPolicy
 
     if method == "FedDPD":
-        return FedDPDPolicy(settings, data.class_num, seed)
+        return FedDPDPolicy
     from baselines import BalancePolicy, FedDiffPolicy, OraclePolicy
 
-    if method == "FedDiff":
-        return FedDiffPolicy(settings, data.class_num, seed)
-    if method == "Balance":
-        return BalancePolicy(settings, data.class_num, seed, data.client_histograms)
-    return OraclePolicy(settings, data.class_num, seed, data.oracle)
+    return {"FedDiff": FedDiffPolicy, "Balance": BalancePolicy, "Oracle": OraclePolicy}.get(method)
+
+
+def make_policy(method: str, settings, data, seed: int):
+    """The supplement policy of a method: FedDPD's, or a baseline's (they differ only here)."""
+    cls = policy_class(method)
+    extra = {"Balance": (data.client_histograms,), "Oracle": (data.oracle,)}.get(method, ())
+    return cls(settings, data.class_num, seed, *extra)
 
 
 def write_outputs(out_dir: Path, result: dict, cfg: RunConfig, extra: Optional[dict] = None) -> None:

@@ -108,9 +108,17 @@ class GeneratorService:
 
 
 class SupplementPolicy:
-    """Chooses each client's supplement. Subclasses override `build_supplements`."""
+    """Chooses each client's supplement. Subclasses override `build_supplements`.
 
+    What a method reads of the config (so a finished run or a checkpoint is reused only while those
+    settings are unchanged, checkpoint._run_identity): `reads_feddpd`, the `feddpd:` keys (None: all),
+    `uses_dpo_args` and `uses_generator`."""
+
+    SCHEDULE = ("warmup_rounds", "supplement_every", "supplement_weight")  # ServerStep and delivery read these
     name = "policy"
+    reads_feddpd: tuple[str, ...] | None = None
+    uses_dpo_args = True
+    uses_generator = True
 
     def __init__(self, settings: FedDPDSettings, num_classes: int, seed: int):
         self.settings, self.num_classes, self.seed = settings, num_classes, seed

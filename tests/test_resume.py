@@ -111,3 +111,25 @@ def test_checkpoint_of_another_config_is_refused(half_run, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == (f"feddpd: error: checkpoint {out / 'checkpoint.pt'} was written by another config "
                    "(train_args.learning_rate: checkpoint has 0.1, config has 0.05); expected the same config to resume")
+
+
+@pytest.mark.parametrize("method, key, value, matters", [
+    ("FedAvg", "feddpd", ("tau", 0.2), False),            # FedAvg never reads feddpd:
+    ("FedProx", "dpo_args", ("beta", 10.0), False),
+    ("FedDPD", "feddpd", ("tau", 0.2), True),
+    ("FedDiff", "feddpd", ("supplement_ratio", 2.0), True),  # its budget is FedDPD's
+    ("FedDiff", "feddpd", ("tau", 0.2), False),
+    ("Oracle", "generator", ("sample_steps", 10), False),   # real held-out data, no generator
+    ("Balance", "feddpd", ("supplement_ratio", 2.0), False),  # its budget is what flattening takes
+    ("Balance", "feddpd", ("warmup_rounds", 40), True),
+    ("FedAvg", "train_args", ("learning_rate", 0.05), True),
+])
+def test_a_finished_run_is_reused_only_while_what_its_method_reads_is_unchanged(method, key, value, matters):
+    from fedml_feddpd.checkpoint import _run_identity
+    from fedml_feddpd.config import load_config
+
+    sections = load_config(os.path.join(ROOT, "configs", "digits_feddpd.yaml")).sections
+    sections["train_args"]["federated_optimizer"] = method
+    changed = {s: dict(body) for s, body in sections.items()}
+    changed[key][value[0]] = value[1]
+    assert (_run_identity(sections) != _run_identity(changed)) == matters

@@ -13,7 +13,7 @@ class FedDPDSettings:
     supplement_every: int = 40
     pool_per_class: int = 64
     discrepancy: str = "prob_gap"
-    tau: float = 0.5
+    tau: float = 0.2
     supplement_ratio: float = 0.5
     supplement_weight: float = 1.0
     pair_quantile: float = 0.25

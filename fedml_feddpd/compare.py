@@ -94,6 +94,8 @@ def run_suite(path: str, out_dir: str | None = None, show_progress: bool = True,
     out = Path(out_dir or suite.get("output_dir") or "runs/compare")
     # a finished run is skipped; one made by another config (a changed default) stops the suite here
     todo = {k: cfg for k, cfg in runs.items() if read_finished(_run_dir(out, *k), cfg) is None}
+    # longest first, so that with --workers the suite does not end on one lone DPO run
+    todo = dict(sorted(todo.items(), key=lambda item: -_expected_cost(item[1])))
     if collect_only:
         todo = {}
         out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +110,10 @@ def run_suite(path: str, out_dir: str | None = None, show_progress: bool = True,
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch/fork state shared
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        from .distributed.common import die_with_parent
+
+        # workers end with the suite (a killed suite otherwise leaves them writing its run folders)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=die_with_parent) as pool:
             pending = {pool.submit(_run_one, cfg, str(_run_dir(out, *key))): key for key, cfg in todo.items()}
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -122,6 +127,15 @@ def run_suite(path: str, out_dir: str | None = None, show_progress: bool = True,
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_report(out, results)
     return out
+
+
+def _expected_cost(cfg: RunConfig) -> int:
+    """Rank of a run's expected server time (measured on digits: FedDPD with DPO ~10x Balance's pool-free
+    generation, which is ~10x the others)."""
+    method, feddpd = cfg.sections["train_args"]["federated_optimizer"], cfg.sections["feddpd"]
+    if method == "FedDPD" and feddpd["dpo"] and feddpd["selection"] == "discrepancy":
+        return 2
+    return 1 if method == "Balance" else 0
 
 
 def _run_one(cfg: RunConfig, out_dir: str) -> None:
@@ -152,6 +166,9 @@ def collect(out: Path, suite: dict) -> dict:
                 entry[key] = {"values": vals.tolist(), "mean": float(vals.mean()), "std": float(vals.std())}
             for key in ("wall_seconds", "client_seconds_total", "server_seconds_total"):
                 entry[key] = float(np.mean([r[key] for r in runs]))
+            sizes = [sup["size"] for r in runs for rec in r["rounds"]
+                     for sup in ((rec.get("server_step") or {}).get("supplements") or {}).values()]
+            entry["supplement_per_client"] = float(np.mean(sizes)) if sizes else 0.0  # per supplement round
             curves = np.array([[rec.get("top1", np.nan) for rec in r["rounds"]] for r in runs])
             entry["curve_mean"] = np.nanmean(curves, 0).tolist()
             entry["curve_std"] = np.nanstd(curves, 0).tolist()
@@ -175,8 +192,8 @@ def write_report(out: Path, results: dict) -> None:
     lines = [f"# Compare: {len(methods)} methods x {len(settings)} settings x {len(results['seeds'])} seeds",
              "", "Final global-model accuracy on the (imbalanced) test set, mean ± std over seeds "
              f"{results['seeds']}. **Bold**: best per column among deployable methods (Oracle excluded).", ""]
-    header = "| method | " + " | ".join(f"{s} top-1 | {s} balanced" for s in settings) + " | wall s | client s | server s |"
-    lines += [header, "|" + "---|" * (2 * len(settings) + 4)]
+    header = "| method | " + " | ".join(f"{s} top-1 | {s} balanced" for s in settings) + " | supplement / client | wall s | client s | server s |"
+    lines += [header, "|" + "---|" * (2 * len(settings) + 5)]
     best = {}
     for s in settings:
         for key in ("top1", "balanced_accuracy"):
@@ -200,15 +217,17 @@ def write_report(out: Path, results: dict) -> None:
                 cells.append(f"**{cell}**" if best[(s, key)] == m else cell)
         first = next((results["settings"][s][m] for s in settings if results["settings"][s][m]["seeds"]), None)
         note = " †" if first is not None and _crosses_boundary(first) else ""
-        times = (f" {first['wall_seconds']:.0f} | {first['client_seconds_total']:.0f} | "
-                 f"{first['server_seconds_total']:.0f} |") if first else " | | |"
+        supplement = f"{first['supplement_per_client']:.0f}" if "supplement_per_client" in (first or {}) else "?"
+        times = (f" {supplement} | {first['wall_seconds']:.0f} | "
+                 f"{first['client_seconds_total']:.0f} | {first['server_seconds_total']:.0f} |") if first else " | | | |"
         lines.append(f"| {m}{note} | " + " | ".join(cells) + " |" + times)
     crossing = sorted({f"{m}: {e['privacy']}" for s in settings for m, e in results["settings"][s].items()
                        if e["seeds"] and _crosses_boundary(e)})
     lines += ["", "† crosses FedAvg's privacy boundary or is not deployable: " + "; ".join(crossing)]
     if partial:
         lines += ["", "Cells with a seed list are partial: the suite has not finished those runs."]
-    lines += ["", "Times: mean seconds per run in the first setting the method has run in."]
+    lines += ["", "Supplement / client: samples a client received per supplement round (synthetic; Oracle: real), "
+              "and times, mean seconds per run: both in the first setting the method has run in."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     for s in settings:
         fig, ax = plt.subplots(figsize=(7, 4.5))

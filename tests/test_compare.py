@@ -36,6 +36,7 @@ def test_compare_writes_report_and_resumes(tiny_suite, capsys):
     entry = results["settings"]["IF=10"]
     assert set(entry) == {"FedAvg", "Oracle"}
     assert 0 < entry["FedAvg"]["top1"]["mean"] <= 1 and len(entry["Oracle"]["curve_mean"]) == 2
+    assert entry["FedAvg"]["supplement_per_client"] == 0 and entry["Oracle"]["supplement_per_client"] > 0
     report = (out / "report.md").read_text()
     assert "| FedAvg |" in report and "| Oracle † |" in report and "**" in report
     png = (out / "curves_IF=10.png").read_bytes()

@@ -114,11 +114,11 @@ def test_checkpoint_of_another_config_is_refused(half_run, capsys):
 
 
 @pytest.mark.parametrize("method, key, value, matters", [
-    ("FedAvg", "feddpd", ("tau", 0.2), False),            # FedAvg never reads feddpd:
+    ("FedAvg", "feddpd", ("tau", 0.7), False),            # FedAvg never reads feddpd:
     ("FedProx", "dpo_args", ("beta", 10.0), False),
-    ("FedDPD", "feddpd", ("tau", 0.2), True),
+    ("FedDPD", "feddpd", ("tau", 0.7), True),
     ("FedDiff", "feddpd", ("supplement_ratio", 2.0), True),  # its budget is FedDPD's
-    ("FedDiff", "feddpd", ("tau", 0.2), False),
+    ("FedDiff", "feddpd", ("tau", 0.7), False),
     ("Oracle", "generator", ("sample_steps", 10), False),   # real held-out data, no generator
     ("Balance", "feddpd", ("supplement_ratio", 2.0), False),  # its budget is what flattening takes
     ("Balance", "feddpd", ("warmup_rounds", 40), True),
@@ -131,5 +131,6 @@ def test_a_finished_run_is_reused_only_while_what_its_method_reads_is_unchanged(
     sections = load_config(os.path.join(ROOT, "configs", "digits_feddpd.yaml")).sections
     sections["train_args"]["federated_optimizer"] = method
     changed = {s: dict(body) for s, body in sections.items()}
+    assert changed[key][value[0]] != value[1]  # a real change
     changed[key][value[0]] = value[1]
     assert (_run_identity(sections) != _run_identity(changed)) == matters

@@ -277,3 +277,14 @@ def timed(train, on_done):
 
     return timed_train
 
+
+def die_with_parent() -> None:
+    """A child gets SIGTERM when its launcher dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG; elsewhere
+    a no-op). Used for silo-local's parties and compare's worker processes."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except Exception:
+        pass

@@ -48,7 +48,7 @@ from fedml.cross_silo.server.fedml_server_manager import FedMLServerManager
 from fedml.cross_silo.server.message_define import MyMessage
 
 from ..config import SUPPLEMENT_METHODS
-from .common import KEY_TRAINED_ON, ClientCore, PartyError, ServerCore, build_party, timed
+from .common import KEY_TRAINED_ON, ClientCore, PartyError, ServerCore, build_party, die_with_parent, timed
 
 MSG_TYPE_HEARTBEAT = "feddpd_heartbeat"
 # A peer that has not been heard from at all may still be starting (importing FedML takes ~10 s, more on a
@@ -422,16 +422,6 @@ def _default_out(cfg, default_out_dir):
 
 
 # --- silo-local: a server and its clients on this machine ---------------------------------------------
-def _die_with_parent():
-    """Children get SIGTERM when the launcher dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except Exception:
-        pass
-
-
 def _wait_listening(host: str, port: int, proc: subprocess.Popen, timeout_s: float) -> None:
     import socket
 
@@ -491,7 +481,7 @@ def run_silo_local(cfg, out_dir=None, show_progress: bool = True) -> dict:
         logs[rank] = work / f"rank{rank}_{role}.log"
         with open(logs[rank], "w") as log:
             procs[rank] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                           preexec_fn=_die_with_parent)
+                                           preexec_fn=die_with_parent)
         print(f"silo-local: {role} rank {rank} pid {procs[rank].pid} log {logs[rank]}", flush=True)
 
     def stop_all(grace: float = 5.0) -> None:

@@ -35,7 +35,13 @@ class SupplementedTrainer(ModelTrainerCLS):
 
 
 def tensors_of(batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (x, y) of a client's loader, leaving its shuffle generator where it was: reading a shuffled
+    DataLoader draws from its generator, which would give this client other batches than under FedAvg."""
+    generator = getattr(batches, "generator", None)
+    state = generator.get_state() if generator is not None else None
     xs, ys = zip(*[(b[0], b[1]) for b in batches])
+    if state is not None:
+        generator.set_state(state)
     return torch.cat(xs), torch.cat(ys)
 
 

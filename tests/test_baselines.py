@@ -92,3 +92,15 @@ def test_baselines_run_inside_fedmls_round_loop(method, tmp_path, make_config):
     assert ("breaks" in result["privacy"]) == (method == "Balance")
     assert ("not deployable" in result["privacy"]) == (method == "Oracle")
     assert (result["generator"] is None) == (method == "Oracle")
+
+
+def test_before_the_first_supplement_every_round_equals_fedavgs(tmp_path, make_config):
+    """FedAvg underneath: a supplement method trains the same batches as FedAvg until it supplements
+    (reading each client's data for later delivery must not advance its loader's shuffle)."""
+    from fedml_feddpd.runner import run
+
+    common = dict(comm_round=2, warmup_rounds=5, pretrain_steps=3, sample_steps=2, cache_dir=str(tmp_path / "gen"))
+    fedavg = run(make_config(federated_optimizer="FedAvg", **common), tmp_path / "a", show_progress=False)
+    feddiff = run(make_config(federated_optimizer="FedDiff", **common), tmp_path / "b", show_progress=False)
+    keys = ("top1", "train_loss", "test_loss", "per_class_accuracy")
+    assert [[r[k] for k in keys] for r in feddiff["rounds"]] == [[r[k] for k in keys] for r in fedavg["rounds"]]

@@ -130,8 +130,8 @@ def run_suite(path: str, out_dir: str | None = None, show_progress: bool = True,
 
 
 def _expected_cost(cfg: RunConfig) -> int:
-    """Rank of a run's expected server time (measured on digits: FedDPD with DPO ~10x Balance's pool-free
-    generation, which is ~10x the others)."""
+    """Rank of a run's expected server time (docs/results/compare_digits, IF 10: FedDPD with DPO ~970 s,
+    Balance ~510 s, every other method under 80 s)."""
     method, feddpd = cfg.sections["train_args"]["federated_optimizer"], cfg.sections["feddpd"]
     if method == "FedDPD" and feddpd["dpo"] and feddpd["selection"] == "discrepancy":
         return 2

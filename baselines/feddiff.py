@@ -14,9 +14,6 @@ class FedDiffPolicy(SupplementPolicy):
     as under FedDPD. Uses no client information beyond FedAvg's sample counts.
     """
 
-    name = "FedDiff"
-    reads_feddpd, uses_dpo_args = SupplementPolicy.SCHEDULE + ("supplement_ratio",), False
-
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.shared = None

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from fedml_feddpd.algorithm import client_budget
 from fedml_feddpd.supplement import SupplementPolicy
@@ -15,14 +14,9 @@ class OraclePolicy(SupplementPolicy):
     held-out set draws from the global class distribution.
     """
 
-    name = "Oracle"
-    uses_held_out_data = True
-    reads_feddpd = SupplementPolicy.SCHEDULE + ("supplement_ratio",)
-    uses_dpo_args = uses_generator = False
-
-    def __init__(self, settings, num_classes, seed, held_out: tuple[torch.Tensor, torch.Tensor]):
-        super().__init__(settings, num_classes, seed)
-        self.images, self.labels = held_out
+    def __init__(self, settings, data, seed):
+        super().__init__(settings, data, seed)
+        self.images, self.labels = data.oracle  # held-out real data: methods.HELD_OUT
         if len(self.labels) == 0:
             raise ValueError("data_args.oracle_fraction: Oracle needs held-out real data; expected a value > 0")
 

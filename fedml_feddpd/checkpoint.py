@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError
+from . import methods
+from .errors import CheckpointError
 
 FORMAT = 1
 CHECKPOINT = "checkpoint.pt"
@@ -30,25 +31,23 @@ NEUTRAL_KEYS = {("run_args", "output_dir"), ("run_args", "torch_threads"), ("run
                 ("run_args", "checkpoint_every")}
 
 
-class CheckpointError(ConfigError):
-    """An unreadable checkpoint or one from another config: one line, exit status 2."""
-
-
 def _run_identity(sections: dict) -> dict:
-    """The settings a run's numbers depend on: all but NEUTRAL_KEYS and what its method never reads
-    (FedAvg/FedProx: no feddpd, dpo_args or generator; a baseline: the keys its policy lists), so a new
-    FedDPD default does not invalidate a finished FedAvg run. Applied to both sides of a comparison."""
-    from .runner import policy_class
-
-    cls = policy_class((sections.get("train_args") or {}).get("federated_optimizer"))
-    if cls is None:
-        ignored = {"feddpd", "dpo_args", "generator"}
-    else:
-        ignored = {s for s, used in (("dpo_args", cls.uses_dpo_args), ("generator", cls.uses_generator)) if not used}
-    keep = {s: {k: v for k, v in body.items() if (s, k) not in NEUTRAL_KEYS}
-            for s, body in sections.items() if s not in ignored}
-    if cls is not None and cls.reads_feddpd is not None and "feddpd" in keep:
-        keep["feddpd"] = {k: v for k, v in keep["feddpd"].items() if k in cls.reads_feddpd}
+    """The settings a run's numbers depend on: all but NEUTRAL_KEYS, the plugin sections and keys its
+    method does not read (methods.Method.reads), and other methods' own train_args keys. So a new FedDPD
+    default does not invalidate a finished FedAvg run. Applied to both sides of a comparison."""
+    name = (sections.get("train_args") or {}).get("federated_optimizer")
+    method = methods.REGISTRY.get(name, methods.Method(str(name), ""))
+    others = {k for m in methods.REGISTRY.values() if m is not method for k in m.options} - set(method.options)
+    keep = {}
+    for section, body in sections.items():
+        if section in methods.PLUGIN_SECTIONS:
+            if section not in method.reads:
+                continue
+            wanted = method.reads[section]
+            keep[section] = {k: v for k, v in body.items() if wanted is methods.ALL or k in wanted}
+            continue
+        keep[section] = {k: v for k, v in body.items() if (section, k) not in NEUTRAL_KEYS
+                         and not (section == "train_args" and k in others)}
     return keep
 
 

@@ -5,8 +5,8 @@ import argparse
 import os
 import sys
 
-from .config import ConfigError, load_config
-from .distributed.common import PartyError
+from .config import load_config
+from .errors import ConfigError, PartyError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +48,9 @@ def _add_silo_verbs(verbs) -> None:
 
 
 def main(argv=None) -> int:
+    from .fedml_compat import quiet_fedml_imports
+
+    quiet_fedml_imports()
     args = _parser().parse_args(argv)
     if args.verb in ("silo", "silo-local"):
         return _silo(args)
@@ -90,11 +93,13 @@ def _silo(args) -> int:
             from .distributed.ipconfig import check_party
 
             check_party(args.role, args.rank, cfg["client_num_per_round"])
-        from .distributed.silo import run_silo_local, run_silo_party
-
         if args.verb == "silo":
+            from .distributed.silo import run_silo_party
+
             result = run_silo_party(cfg, args.role, args.rank, args.out, args.ipconfig, not args.no_progress)
         else:
+            from .distributed.silo_local import run_silo_local
+
             result = run_silo_local(cfg, args.out, not args.no_progress)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"feddpd: error: {exc}", file=sys.stderr)
@@ -109,7 +114,7 @@ def _silo(args) -> int:
               f"{result['wall_seconds']:.1f} s")
         print(f"results -> {result['out_dir']}")
     if args.verb == "silo":
-        # gRPC's threads can keep a party alive after its run ends or fails (FIELD-NOTES): leave now.
+        # gRPC's threads can keep a party alive after its run ends or fails (docs/DESIGN.md, "gRPC"): leave now.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

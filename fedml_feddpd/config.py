@@ -9,75 +9,31 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Optional
+from typing import Any
 
 import yaml
 
-from .algorithm import DISCREPANCIES, FedDPDSettings
-
-REQUIRED = object()
+from . import methods
+from .algorithm.discrepancy import DISCREPANCIES
+from .algorithm.settings import FedDPDSettings
+from .errors import ConfigError
+from .models import MODELS
+from .schema import REQUIRED, Key, validate_value
+from .schema import bool_key as _bool
+from .schema import choice_key as _choice
+from .schema import float_key as _float
+from .schema import int_key as _int
+from .schema import off_key as _off
+from .schema import str_key as _str
 
 FEDML_DATASETS = ("mnist", "femnist", "cifar10")
 DATASETS = ("digits",) + FEDML_DATASETS
-SUPPLEMENT_METHODS = ("FedDPD", "FedDiff", "Balance", "Oracle")  # methods with a server-side supplement step
-OPTIMIZERS = ("FedAvg", "FedProx") + SUPPLEMENT_METHODS
 BACKENDS = ("sp", "MPI", "GRPC")  # FedML's sp and MPI simulation, gRPC cross-silo (fedml_feddpd/distributed/)
 TRAINING_TYPES = ("simulation", "cross_silo")
 
-
 _FEDDPD = FedDPDSettings()  # the feddpd section's defaults live on the dataclass that consumes it
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; its message is one line naming the key and what is expected."""
-
-
-@dataclass(frozen=True)
-class Key:
-    kind: type
-    default: Any = REQUIRED
-    expect: str = ""  # human description of what is allowed
-    check: Optional[Callable[[Any], bool]] = None
-    choices: tuple = ()
-
-
-def _int(minimum: int, default=REQUIRED) -> Key:
-    return Key(int, default, f"an integer >= {minimum}", lambda v: v >= minimum)
-
-
-def _float(low: float, high: float = math.inf, default=REQUIRED, low_open=False, high_open=False) -> Key:
-    lo = "(" if low_open else "["
-    hi = ")" if high_open or high == math.inf else "]"
-    hi_txt = "inf" if high == math.inf else f"{high:g}"
-
-    def check(v):
-        above = v > low if low_open else v >= low
-        below = v < high if high_open else v <= high
-        return above and below and math.isfinite(v)
-
-    return Key(float, default, f"a number in {lo}{low:g}, {hi_txt}{hi}", check)
-
-
-def _choice(choices: tuple, default=REQUIRED) -> Key:
-    return Key(str, default, "one of " + ", ".join(choices), choices=choices)
-
-
-def _bool(default: bool) -> Key:
-    return Key(bool, default, "true or false")
-
-
-def _str(default=REQUIRED) -> Key:
-    return Key(str, default, "a string")
-
-
-def _off(key: str) -> Key:
-    # This plugin never talks to FedML's cloud or wandb; accept the key only when it says so.
-    return Key(bool, False, f"false ({key} would contact a server; fedml-feddpd runs offline)",
-               lambda v: v is False)
-
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "common_args": {
@@ -106,7 +62,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "global_model_file_path": _str(""),
     },
     "train_args": {
-        "federated_optimizer": _choice(OPTIMIZERS),
+        "federated_optimizer": _str(),  # a name in methods.REGISTRY (checked in validate)
         "client_id_list": _str("[]"),
         "client_num_in_total": _int(1),
         "client_num_per_round": _int(1),
@@ -116,7 +72,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "client_optimizer": _choice(("sgd", "adam"), "sgd"),
         "learning_rate": _float(0.0, default=REQUIRED, low_open=True),
         "weight_decay": _float(0.0, default=0.0),
-        "fedprox_mu": _float(0.0, default=0.1),
+        # + each registered method's own keys (methods.all_options(), e.g. FedProx's fedprox_mu)
     },
     "validation_args": {"frequency_of_the_test": _int(1, 1)},
     "device_args": {
@@ -169,7 +125,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
 # Sections validated by the dataclass that consumes them (its __post_init__ names the bad key).
 DATACLASS_SECTIONS = ("generator", "dpo_args")
 # Sections that stay out of FedML's flat `args` (their key names overlap FedML's, e.g. learning_rate).
-PLUGIN_SECTIONS = ("feddpd",) + DATACLASS_SECTIONS
+PLUGIN_SECTIONS = methods.PLUGIN_SECTIONS
 
 
 def _dataclass_for(section: str):
@@ -178,27 +134,9 @@ def _dataclass_for(section: str):
     return {"generator": GeneratorConfig, "dpo_args": DPOSettings}[section]
 
 
-def _type_ok(kind: type, value: Any) -> bool:
-    if kind is bool:
-        return isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
 def _suggest(name: str, options) -> str:
     close = difflib.get_close_matches(name, list(options), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _validate_value(where: str, key: Key, value: Any) -> Any:
-    if not _type_ok(key.kind, value) or (key.choices and value not in key.choices) or (
-        key.check is not None and not key.check(value)
-    ):
-        raise ConfigError(f"{where}: expected {key.expect}, got {value!r}")
-    return float(value) if key.kind is float else value
 
 
 @dataclass
@@ -220,7 +158,15 @@ class RunConfig:
         return yaml.safe_dump(self.sections, sort_keys=False)
 
 
+def schema() -> dict[str, dict[str, Key]]:
+    """SCHEMA with every registered method's own train_args keys (methods.Method.options)."""
+    full = dict(SCHEMA)
+    full["train_args"] = {**SCHEMA["train_args"], **methods.all_options()}
+    return full
+
+
 def validate(raw: Any, source: str = "<config>") -> RunConfig:
+    SCHEMA = schema()  # noqa: N806 (the module's SCHEMA plus the methods' keys)
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a YAML mapping of sections (common_args, data_args, ...), "
                           f"got {type(raw).__name__}")
@@ -251,7 +197,7 @@ def validate(raw: Any, source: str = "<config>") -> RunConfig:
         for key, spec in keys.items():
             where = f"{name}.{key}"
             if key in body:
-                out[key] = _validate_value(where, spec, body[key])
+                out[key] = validate_value(where, spec, body[key])
             elif spec.default is REQUIRED:
                 raise ConfigError(f"{where}: missing; expected {spec.expect}")
             else:
@@ -274,23 +220,28 @@ def _check_across_keys(s: dict[str, dict[str, Any]]) -> None:
         raise ConfigError(
             f"data_args.imbalance_factor: expected 1 for FedML's own '{data['dataset']}' loader "
             f"(global imbalance is built for dataset: digits), got {data['imbalance_factor']}")
-    method = train["federated_optimizer"]
+    method = methods.get(train["federated_optimizer"])
     _check_backend(s, method)
-    if method in SUPPLEMENT_METHODS and data["dataset"] != "digits":
-        raise ConfigError(f"data_args.dataset: {method} needs the server's public split, which only dataset: "
+    if method.supplement and data["dataset"] != "digits":
+        raise ConfigError(f"data_args.dataset: {method.name} needs the server's public split, which only dataset: "
                           f"digits provides; got '{data['dataset']}'")
-    if method == "Oracle" and data["oracle_fraction"] <= 0:
-        raise ConfigError("data_args.oracle_fraction: Oracle draws real held-out data; expected a number in "
-                          "(0, 1), got 0")
+    if method.check is not None:
+        method.check(s)
     if data["validation_fraction"] + data["oracle_fraction"] >= 1.0:
         raise ConfigError("data_args.oracle_fraction: validation_fraction + oracle_fraction must be < 1 to leave "
                           "clients data")
-    from .models import check_model_name  # local: models imports torch
-
-    check_model_name(model["model"], data["dataset"])
+    _check_model(model["model"], data["dataset"])
 
 
-def _check_backend(s: dict[str, dict[str, Any]], method: str) -> None:
+def _check_model(model: str, dataset: str) -> None:
+    if model not in MODELS:
+        raise ConfigError(f"model_args.model: expected one of {', '.join(MODELS)}, got {model!r}")
+    if dataset not in MODELS[model]:
+        raise ConfigError(f"model_args.model: '{model}' does not fit dataset '{dataset}'; expected a model "
+                          f"for it: {', '.join(m for m, d in MODELS.items() if dataset in d)}")
+
+
+def _check_backend(s: dict[str, dict[str, Any]], method: methods.Method) -> None:
     training_type, backend = s["common_args"]["training_type"], s["comm_args"]["backend"]
     wanted = {"simulation": ("sp", "MPI"), "cross_silo": ("GRPC",)}[training_type]
     if backend not in wanted:
@@ -298,9 +249,10 @@ def _check_backend(s: dict[str, dict[str, Any]], method: str) -> None:
                           f"{' or '.join(wanted)}, got {backend!r}")
     if backend == "sp":
         return
-    if method not in ("FedAvg",) + SUPPLEMENT_METHODS:
-        raise ConfigError(f"train_args.federated_optimizer: backend {backend} runs FedAvg and the supplement methods "
-                          f"({', '.join(SUPPLEMENT_METHODS)}); {method} runs on backend sp")
+    if backend not in method.backends:
+        able = [n for n, m in methods.REGISTRY.items() if backend in m.backends]
+        raise ConfigError(f"train_args.federated_optimizer: backend {backend} runs {', '.join(able)}; "
+                          f"{method.name} runs on backend {' or '.join(method.backends)}")
     if s["run_args"]["baseline"] != "none":
         raise ConfigError(f"run_args.baseline: expected none with backend {backend} (run the baseline's own config), "
                           f"got {s['run_args']['baseline']!r}")

@@ -1,6 +1,7 @@
-"""Every workaround for FedML 0.9.6 lives here, each next to the FedML file:line it answers.
-
-Nothing else in the package patches FedML. Import this module before `fedml.init`.
+"""FedML 0.9.6 on sp, offline: `fedml.init` without network, FedML's sp round loops with round hooks,
+and the sp API of a method built from its registry entry. Each workaround names the FedML file:line it
+answers. The other places that patch or subclass FedML are listed in docs/DESIGN.md ("Where FedML is
+patched"): fedml_plugin.py (FedML's own entry points) and distributed/ (MPI and gRPC managers).
 """
 from __future__ import annotations
 
@@ -17,6 +18,19 @@ OFFLINE_ENV = {
     "WANDB_MODE": "disabled",
     "WANDB_SILENT": "true",
 }
+
+
+def quiet_fedml_imports() -> None:
+    """Hide the two warnings FedML 0.9.6's imports print on every command: requests' RequestsDependencyWarning
+    (FedML pins urllib3/chardet ranges that requests warns about) and setuptools' pkg_resources UserWarning
+    (fedml/computing/scheduler/comm_utils/sys_utils.py:17). Only those two, matched by message and by the
+    module that warns; called by our entry points (cli.main, compare's workers), never on import, so a
+    user's own warnings and scripts are untouched."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"urllib3 \(.*\) or chardet", module="requests")
+    warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated", category=UserWarning,
+                            module=r"fedml\.")
 
 
 def set_offline_environment() -> None:
@@ -110,10 +124,12 @@ class RoundHooks:
             client.train = self._timed(client.train)
 
     def _timed(self, train):
-        def timed_train(w_global):
+        # FedAvg's clients train(w_global); SCAFFOLD's train(w_global, c_global) (scaffold_trainer.py:112),
+        # FedNova's train(net=..., ratio=...) (fednova_trainer.py:107-112)
+        def timed_train(*args, **kwargs):
             start = time.perf_counter()
             try:
-                return train(w_global)
+                return train(*args, **kwargs)
             finally:
                 self.client_seconds += time.perf_counter() - start
         return timed_train
@@ -133,11 +149,16 @@ class RoundHooks:
             from .supplement import ClientUpload
 
             # What FedAvg already receives, nothing more: id, sample count, a private copy of the
-            # uploaded parameters.
-            uploads = [ClientUpload(cid, n, copy.deepcopy(w)) for cid, (n, w) in zip(self.round_clients, w_locals)]
+            # uploaded parameters. Entries are (samples, params, ...); an API whose clients upload
+            # something else (SCAFFOLD's deltas, scaffold_trainer.py:115) defines upload_params(entry)
+            # and aggregated_params(result) (baselines/fedml_sp.py).
+            params_of = getattr(self, "upload_params", lambda entry: entry[1])
+            uploads = [ClientUpload(cid, entry[0], copy.deepcopy(params_of(entry)))
+                       for cid, entry in zip(self.round_clients, w_locals)]
         w_global = super()._aggregate(w_locals)
         if uploads is not None:
-            self._after_aggregation(self.round_idx, w_global, uploads)
+            self._after_aggregation(self.round_idx, getattr(self, "aggregated_params", lambda r: r)(w_global),
+                                    uploads)
         self.server_seconds += time.perf_counter() - start
         return w_global
 
@@ -147,34 +168,25 @@ class RoundHooks:
     _local_test_on_validation_set = _local_test_on_all_clients
 
 
-def sp_api_class(federated_optimizer: str):
-    """FedML's own sp implementation of FedAvg / FedProx with the round hooks mixed in. Methods with a
-    supplement step (FedDPD, ...) are FedAvg with a server hook and a supplement-aware trainer."""
-    from .config import SUPPLEMENT_METHODS
-
-    if federated_optimizer == "FedAvg" or federated_optimizer in SUPPLEMENT_METHODS:
-        from fedml.simulation.sp.fedavg.fedavg_api import FedAvgAPI as base
-    elif federated_optimizer == "FedProx":
-        from fedml.simulation.sp.fedprox.fedprox_trainer import FedProxTrainer as base
-    else:
-        raise ValueError(f"train_args.federated_optimizer: expected FedAvg or FedProx, got {federated_optimizer!r}")
+def sp_api_class(method):
+    """FedML's own sp API class of a method (methods.Method.api: FedAvgAPI, FedProxTrainer, ...) with the
+    round hooks mixed in. Methods with a supplement step are FedAvg with a server hook."""
+    base = method.api_class()
     return type(f"Hooked{base.__name__}", (RoundHooks, base), {})
 
 
-def build_sp_api(federated_optimizer: str, args, device, dataset, model):
-    """simulation/simulator.py:41 builds FedAvgAPI bare and drops custom trainers, so we build
-    FedML's API class ourselves and, for supplement methods, swap in the supplement-aware trainer."""
-    from .config import SUPPLEMENT_METHODS
-
-    cls = sp_api_class(federated_optimizer)
-    if federated_optimizer == "FedProx":  # the two constructors take their arguments in different orders
-        return cls(dataset, model, device, args)
-    api = cls(args, device, dataset, model)
-    if federated_optimizer in SUPPLEMENT_METHODS:
-        from .trainer import SupplementedTrainer
-
+def build_sp_api(method, args, device, dataset, model):
+    """simulation/simulator.py:41 builds FedAvgAPI bare and drops custom trainers, so we build the
+    method's FedML API class ourselves and swap in its client trainer (methods.Method.trainer_class)."""
+    cls = sp_api_class(method)
+    if method.api_args == "dataset_first":  # FedProxTrainer(dataset, model, device, args)
+        api = cls(dataset, model, device, args)
+    else:
+        api = cls(args, device, dataset, model)
+    trainer_cls = method.trainer_class()
+    if trainer_cls is not None:
         # fedavg_api.py:43 creates one ModelTrainerCLS shared by all clients (:56-63); replace it everywhere.
-        api.model_trainer = SupplementedTrainer(model, args)
+        api.model_trainer = trainer_cls(model, args)
         for client in api.client_list:
             client.model_trainer = api.model_trainer
     return api

@@ -18,6 +18,7 @@ import torch
 
 from .algorithm import (FedDPDSettings, allocate_classes, build_pairs, client_budget, discrepancy,
                         quality_gate, select_top)
+from .errors import PrivacyBoundaryError
 from .threads import torch_threads
 
 
@@ -57,8 +58,10 @@ class GeneratorService:
     """What a policy needs from the generator: class-conditional sampling, with a client adapter
     when one was trained, and Diffusion-DPO of a client adapter. Wraps fedml_feddpd.generation."""
 
-    def __init__(self, generator, dpo_settings, sample_steps: int, sample_threads: int = 0):
-        self.generator, self.dpo_settings, self.sample_steps = generator, dpo_settings, sample_steps
+    def __init__(self, generator, dpo_settings, generator_config, sample_threads: int = 0):
+        self.generator, self.dpo_settings = generator, dpo_settings
+        self.sample_steps = generator_config.sample_steps
+        self.guidance_scale = generator_config.guidance_scale  # classifier-free guidance (1: off)
         self.sample_threads = sample_threads
 
     def sample(self, class_counts, seed: int, adapter: Optional[str] = None):
@@ -68,7 +71,8 @@ class GeneratorService:
         with torch_threads(self.sample_threads or torch.get_num_threads()), \
                 (using_adapter(unet, adapter) if adapter else adapters_disabled(unet)):
             return sample(unet, self.generator.scheduler, [int(c) for c in class_counts],
-                          steps=self.sample_steps, seed=seed)
+                          steps=self.sample_steps, seed=seed, guidance_scale=self.guidance_scale,
+                          null_class=self.generator.null_class)
 
     def train_adapter(self, name: str, chosen, rejected, labels, seed: int) -> dict:
         from dataclasses import replace
@@ -108,20 +112,14 @@ class GeneratorService:
 
 
 class SupplementPolicy:
-    """Chooses each client's supplement. Subclasses override `build_supplements`.
+    """Chooses each client's supplement. Subclasses override `build_supplements`; what a method reads of
+    the config, its privacy note and its backends are in its methods.REGISTRY entry.
 
-    What a method reads of the config (so a finished run or a checkpoint is reused only while those
-    settings are unchanged, checkpoint._run_identity): `reads_feddpd`, the `feddpd:` keys (None: all),
-    `uses_dpo_args` and `uses_generator`."""
+    `data` is the server's view of the run (data.FederatedData): a policy within FedAvg's boundary reads
+    only `data.class_num`; Balance and Oracle read more, and their registry entries say so."""
 
-    SCHEDULE = ("warmup_rounds", "supplement_every", "supplement_weight")  # ServerStep and delivery read these
-    name = "policy"
-    reads_feddpd: tuple[str, ...] | None = None
-    uses_dpo_args = True
-    uses_generator = True
-
-    def __init__(self, settings: FedDPDSettings, num_classes: int, seed: int):
-        self.settings, self.num_classes, self.seed = settings, num_classes, seed
+    def __init__(self, settings: FedDPDSettings, data, seed: int):
+        self.settings, self.num_classes, self.seed = settings, data.class_num, seed
 
     def build_supplements(self, round_idx: int, global_state: dict, uploads: list[ClientUpload],
                           scorer: Scorer, generator: GeneratorService, timer: "StageTimer") -> dict[int, Supplement]:
@@ -134,9 +132,7 @@ class SupplementPolicy:
 
 
 class FedDPDPolicy(SupplementPolicy):
-    """Discrepancy-guided, DPO-adapted supplements (DESIGN.md section 1, steps 1-6)."""
-
-    name = "FedDPD"
+    """Discrepancy-guided, DPO-adapted supplements (docs/DESIGN.md, "The server step", steps 1-6)."""
 
     def build_supplements(self, round_idx, global_state, uploads, scorer, generator, timer):
         s = self.settings
@@ -206,10 +202,6 @@ class StageTimer:
             yield
         finally:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
-
-
-class PrivacyBoundaryError(RuntimeError):
-    """Something other than model parameters and a sample count tried to reach the server step."""
 
 
 def check_boundary(uploads, model_shapes: dict) -> None:

@@ -56,3 +56,24 @@ def with_supplement(real: tuple[torch.Tensor, torch.Tensor], supplement, weight:
         w = torch.cat([w, torch.full((len(supplement.labels),), float(weight))])
     return DataLoader(TensorDataset(x, y, w), batch_size=batch_size, shuffle=True,
                       generator=torch.Generator().manual_seed(seed))
+
+
+class SupplementDelivery:
+    """Hands a client its supplement: replaces the client's entry in `loaders`, the dict FedML's trainers
+    read (sp: FedAvgAPI.train_data_local_dict, fedavg_api.py:90-95; MPI and gRPC: the client party's
+    train_data_local_dict), with a loader over its real data plus the supplement. Every backend delivers
+    through this one class, so a client trains on the same batches wherever it runs.
+
+    The real tensors are read once, when it is made (tensors_of leaves each loader's shuffle stream as
+    it was)."""
+
+    def __init__(self, loaders: dict, weight: float, batch_size: int, seed: int):
+        self.loaders, self.weight, self.batch_size, self.seed = loaders, float(weight), batch_size, seed
+        self.real = {cid: tensors_of(loader) for cid, loader in loaders.items()}
+        self.holding: dict[int, object] = {}  # client id -> the supplement it trains with
+
+    def __call__(self, cid: int, supplement) -> None:
+        cid = int(cid)
+        self.holding[cid] = supplement
+        self.loaders[cid] = with_supplement(self.real[cid], supplement, self.weight, self.batch_size,
+                                            seed=self.seed * 1000 + cid)

@@ -34,9 +34,9 @@ def make_config(config_dict):
     """make_config(key=value, ...) -> validated RunConfig of the small default with keys replaced."""
     from dataclasses import fields
 
-    from fedml_feddpd.config import DATACLASS_SECTIONS, SCHEMA, _dataclass_for, validate
+    from fedml_feddpd.config import DATACLASS_SECTIONS, _dataclass_for, schema, validate
 
-    sections = {**SCHEMA, **{name: [f.name for f in fields(_dataclass_for(name))] for name in DATACLASS_SECTIONS}}
+    sections = {**schema(), **{name: [f.name for f in fields(_dataclass_for(name))] for name in DATACLASS_SECTIONS}}
 
     def make(**overrides):
         for key, value in overrides.items():

@@ -1,4 +1,6 @@
 """Baseline supplement policies on hand-made inputs (a stand-in generator that labels by request)."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -20,24 +22,31 @@ class CountingGenerator:
         return torch.full((len(labels), 1, 8, 8), float(self.calls)), labels
 
 
+def server_data(num_classes, histograms=None, oracle=None):
+    """The server's view of a run that a policy reads (data.FederatedData's fields)."""
+    return SimpleNamespace(class_num=num_classes, client_histograms=histograms, oracle=oracle)
+
+
 def uploads(sizes):
     return [ClientUpload(cid, n, {}) for cid, n in enumerate(sizes)]
 
 
 def test_balance_flattens_a_skewed_histogram():
     hist = np.array([[30, 5, 0, 10], [2, 2, 2, 2]])
-    policy = BalancePolicy(FedDPDSettings(), 4, 0, hist)
+    policy = BalancePolicy(FedDPDSettings(), server_data(4, histograms=hist), 0)
     out = policy.build_supplements(0, {}, uploads([45, 8]), None, CountingGenerator(), StageTimer())
     for cid in (0, 1):
         after = hist[cid] + np.bincount(out[cid].labels.numpy(), minlength=4)
         assert len(set(after.tolist())) == 1
     assert flatten_counts(hist[0]).tolist() == [0, 25, 30, 20] and len(out[1].labels) == 0
-    assert BalancePolicy.uses_label_counts
+    from fedml_feddpd import methods
+
+    assert methods.get("Balance").privacy == methods.LABEL_COUNTS
 
 
 def test_feddiff_is_class_balanced_and_identical_across_clients():
     gen = CountingGenerator()
-    policy = FedDiffPolicy(FedDPDSettings(supplement_ratio=0.5), 10, 0)
+    policy = FedDiffPolicy(FedDPDSettings(supplement_ratio=0.5), server_data(10), 0)
     first = policy.build_supplements(0, {}, uploads([40, 20, 60]), None, gen, StageTimer())
     assert len(first[0].labels) == round(np.mean([20, 10, 30]))  # mean FedDPD budget
     counts = np.bincount(first[0].labels.numpy(), minlength=10)
@@ -50,7 +59,7 @@ def test_feddiff_is_class_balanced_and_identical_across_clients():
 def test_oracle_draws_only_held_out_real_data_with_feddpd_budget():
     held_x = torch.arange(50, dtype=torch.float32).view(50, 1, 1, 1).expand(50, 1, 8, 8).clone()
     held_y = torch.tensor([0] * 30 + [1] * 15 + [2] * 5)
-    policy = OraclePolicy(FedDPDSettings(supplement_ratio=0.5), 3, 0, (held_x, held_y))
+    policy = OraclePolicy(FedDPDSettings(supplement_ratio=0.5), server_data(3, oracle=(held_x, held_y)), 0)
     out = policy.build_supplements(0, {}, uploads([40, 200]), None, None, StageTimer())
     assert len(out[0].labels) == 20 and len(out[1].labels) == 100
     for sup in out.values():
@@ -59,7 +68,7 @@ def test_oracle_draws_only_held_out_real_data_with_feddpd_budget():
     share = np.bincount(out[1].labels.numpy(), minlength=3) / 100
     assert share == pytest.approx([0.6, 0.3, 0.1], abs=0.12)  # follows the held-out (global) profile
     with pytest.raises(ValueError, match="oracle_fraction"):
-        OraclePolicy(FedDPDSettings(), 3, 0, (held_x[:0], held_y[:0]))
+        OraclePolicy(FedDPDSettings(), server_data(3, oracle=(held_x[:0], held_y[:0])), 0)
 
 
 def test_oracle_without_held_out_data_is_a_config_error(config_dict):

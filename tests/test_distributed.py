@@ -247,7 +247,7 @@ def test_generated_ipconfig_is_loopback_with_free_distinct_ports(tmp_path):
     ({("comm_args", "backend"): "GRPC"}, "comm_args.backend: training_type simulation runs on sp or MPI, got 'GRPC'"),
     ({("common_args", "training_type"): "cross_silo"}, "comm_args.backend: training_type cross_silo runs on GRPC"),
     ({("comm_args", "backend"): "MPI", ("train_args", "federated_optimizer"): "FedProx"},
-     "train_args.federated_optimizer: backend MPI runs FedAvg and the supplement methods"),
+     "train_args.federated_optimizer: backend MPI runs FedAvg, FedDPD, FedDiff, Balance, Oracle"),
     ({("comm_args", "backend"): "MPI", ("run_args", "baseline"): "FedAvg"},
      "run_args.baseline: expected none with backend MPI"),
     ({("comm_args", "comm_timeout_s"): 0}, "comm_args.comm_timeout_s: expected a number in (0, inf)"),

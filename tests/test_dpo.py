@@ -31,7 +31,7 @@ def random_pairs(n, seed=1):
 
 
 def hand_loss(unet, scheduler, batch, beta, loss_type):
-    """DESIGN.md step 5, written out independently of TRL."""
+    """docs/DESIGN.md, "The server step", step 5, written out independently of TRL."""
     x0, y, t, e = batch["x0"], batch["class_labels"], batch["timesteps"], batch["noise"]
     x_t = scheduler.add_noise(x0, e, t)
     with torch.no_grad():

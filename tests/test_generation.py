@@ -10,8 +10,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from fedml_feddpd.generation import (
     DPOSettings, GeneratorConfig, active_adapter, adapter_names, adapter_parameters, adapter_size, adapters_disabled,
-    add_adapter, build_train_scheduler, build_unet, delete_adapter, load_adapter, load_or_pretrain_generator, sample,
-    save_adapter, set_active_adapter, using_adapter,
+    add_adapter, build_sample_scheduler, build_train_scheduler, build_unet, delete_adapter, load_adapter,
+    load_or_pretrain_generator, sample, save_adapter, set_active_adapter, using_adapter,
 )
 from fedml_feddpd.generation.pretrain import META_FILE, WEIGHTS_FILE
 
@@ -54,6 +54,11 @@ def snapshot(unet):
     (dict(beta_schedule="cosine"), "generator.beta_schedule"),
     (dict(label_dropout=1.0), "generator.label_dropout"),
     (dict(sample_size=9), "generator.sample_size"),
+    (dict(guidance_scale=0.5), "generator.guidance_scale"),
+    (dict(guidance_scale=True), "generator.guidance_scale"),
+    (dict(guidance_scale=float("nan")), "generator.guidance_scale"),
+    (dict(guidance_scale="2"), "generator.guidance_scale"),
+    (dict(guidance_scale=2.0, label_dropout=0.0), "generator.guidance_scale"),
 ])
 def test_generator_config_rejects_bad_values(kw, field):
     with pytest.raises(ValueError, match=field) as err:
@@ -68,6 +73,13 @@ def test_generator_config_rejects_bad_values(kw, field):
 def test_dpo_settings_reject_bad_values(kw, field):
     with pytest.raises(ValueError, match=field):
         DPOSettings(**kw)
+
+
+def test_guidance_default_needs_label_dropout():
+    assert GeneratorConfig().guidance_scale == 1.5  # chosen by benchmarks/bench_generator.py --guidance
+    with pytest.raises(ValueError, match=r"^generator.guidance_scale: expected 1 when label_dropout is 0 .*got 1.5$"):
+        GeneratorConfig(label_dropout=0.0)
+    assert GeneratorConfig(label_dropout=0.0, guidance_scale=1.0).guidance_scale == 1.0
 
 
 def test_config_accepts_yaml_lists():
@@ -91,6 +103,102 @@ def test_sampling_is_deterministic_with_right_shapes_and_labels(tmp_path):
         sample(unet, cfg, {10: 1}, steps=2)
 
 
+def old_sample(unet, scheduler_or_cfg, labels, steps, seed, batch_size):
+    """The sampling loop before guidance: a fresh DDIM scheduler per batch, one UNet pass per step."""
+    cfg = unet.config
+    noise = torch.randn((len(labels), cfg.in_channels, cfg.sample_size, cfg.sample_size),
+                        generator=torch.Generator().manual_seed(seed))
+    out = torch.empty(noise.shape)
+    with torch.no_grad():
+        for start in range(0, len(labels), batch_size):
+            sched = build_sample_scheduler(scheduler_or_cfg)
+            sched.set_timesteps(steps)
+            x, y = noise[start:start + batch_size], labels[start:start + batch_size]
+            for t in sched.timesteps:
+                x = sched.step(unet(x, t, class_labels=y).sample, t, x).prev_sample
+            out[start:start + batch_size] = ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+    return out
+
+
+def guided_reference(unet, cfg, labels, steps, seed, w):
+    """Classifier-free guidance written out: separate class and null passes, one image batch."""
+    noise = torch.randn((len(labels), 1, 8, 8), generator=torch.Generator().manual_seed(seed))
+    sched = build_sample_scheduler(cfg)
+    sched.set_timesteps(steps)
+    x = noise
+    with torch.no_grad():
+        for t in sched.timesteps:
+            e_c = unet(x, t, class_labels=labels).sample
+            e_u = unet(x, t, class_labels=torch.full_like(labels, cfg.null_class)).sample
+            x = sched.step(e_u + w * (e_c - e_u), t, x).prev_sample
+    return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def distinct_class_unet(cfg):
+    torch.manual_seed(0)
+    unet = build_unet(cfg).eval()
+    torch.nn.init.normal_(unet.class_embedding.weight, std=1.0)  # labels matter as they do after training
+    return unet
+
+
+def test_unguided_sampling_is_the_old_path_bit_for_bit_with_one_scheduler(tmp_path, monkeypatch):
+    import fedml_feddpd.generation.sampling as sampling
+
+    cfg = tiny_cfg(tmp_path)
+    unet = distinct_class_unet(cfg)
+    counts = [2, 0, 3, 1, 0, 0, 0, 0, 0, 1]  # 7 images in batches of 3, 3, 1
+    labels = torch.tensor([0, 0, 2, 2, 2, 3, 9])
+    calls = []
+
+    def counting(arg):
+        calls.append(arg)
+        return build_sample_scheduler(arg)
+
+    monkeypatch.setattr(sampling, "build_sample_scheduler", counting)
+    for source in (cfg, build_train_scheduler(cfg)):
+        calls.clear()
+        for kw in (dict(), dict(guidance_scale=1.0), dict(guidance_scale=1)):
+            imgs, lab = sample(unet, source, counts, steps=6, seed=5, batch_size=3, **kw)
+            assert torch.equal(lab, labels)
+            assert torch.equal(imgs, old_sample(unet, source, labels, steps=6, seed=5, batch_size=3))
+        assert len(calls) == 3  # once per sample() call, not once per batch
+
+
+def test_guidance_changes_images_as_the_formula_says(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    unet = distinct_class_unet(cfg)
+    counts = [2, 0, 3, 1, 0, 0, 0, 0, 0, 1]
+    plain, labels = sample(unet, cfg, counts, steps=6, seed=5)
+    guided, _ = sample(unet, cfg, counts, steps=6, seed=5, guidance_scale=2.0)
+    assert not torch.equal(guided, plain) and float((guided - plain).abs().max()) > 1e-3
+    assert torch.allclose(guided, guided_reference(unet, cfg, labels, 6, 5, 2.0), atol=1e-5)
+    again, _ = sample(unet, build_train_scheduler(cfg), counts, steps=6, seed=5, guidance_scale=2.0, null_class=10)
+    assert torch.equal(again, guided)  # deterministic; a scheduler plus null_class equals the config
+    batched, _ = sample(unet, cfg, counts, steps=6, seed=5, guidance_scale=2.0, batch_size=3)
+    assert torch.allclose(batched, guided, atol=1e-5)
+    stronger, _ = sample(unet, cfg, counts, steps=6, seed=5, guidance_scale=3.0)
+    assert not torch.equal(stronger, guided)
+
+
+def test_guidance_without_a_null_class_is_a_one_line_error(tmp_path):
+    unet = distinct_class_unet(tiny_cfg(tmp_path))
+    no_null = tiny_cfg(tmp_path, label_dropout=0.0, guidance_scale=1)
+    for bad in (2.0, 1.5):
+        with pytest.raises(ValueError, match="pretrained with label_dropout 0") as err:
+            sample(unet, no_null, [1] * 10, steps=2, guidance_scale=bad)
+        assert "\n" not in str(err.value) and str(bad) in str(err.value)
+    assert torch.equal(sample(unet, no_null, [1] * 10, steps=2)[0], sample(unet, no_null, [1] * 10, steps=2,
+                                                                             guidance_scale=1.0)[0])
+    sched = build_train_scheduler(no_null)
+    with pytest.raises(ValueError, match="needs null_class") as err:  # a scheduler says nothing about label dropout
+        sample(unet, sched, [1] * 10, steps=2, guidance_scale=2.0)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"null_class must be a label of the UNet \(0..10\), got 11"):
+        sample(unet, sched, [1] * 10, steps=2, guidance_scale=2.0, null_class=11)
+    with pytest.raises(ValueError, match="sample: guidance_scale: expected a finite number >= 1"):
+        sample(unet, tiny_cfg(tmp_path), [1] * 10, steps=2, guidance_scale=0.0)
+
+
 def test_cache_second_call_loads(tmp_path):
     cfg = tiny_cfg(tmp_path)
     x, y = tiny_data()
@@ -104,6 +212,12 @@ def test_cache_second_call_loads(tmp_path):
     assert load_or_pretrain_generator(cfg, x, y, seed=2, progress=False).source == "trained"
     cfg_steps = tiny_cfg(tmp_path, sample_steps=10)
     assert load_or_pretrain_generator(cfg_steps, x, y, seed=1, progress=False).source == "cache"
+    # guidance_scale is sampling-only too: it reuses the cached generator.
+    guided = load_or_pretrain_generator(tiny_cfg(tmp_path, guidance_scale=3.0), x, y, seed=1, progress=False)
+    assert guided.source == "cache" and guided.null_class == 10 == first.null_class
+    no_null_cfg = tiny_cfg(tmp_path, label_dropout=0.0, guidance_scale=1.0)
+    no_null = load_or_pretrain_generator(no_null_cfg, x, y, seed=1, progress=False)
+    assert no_null.source == "trained" and no_null.null_class is None  # label_dropout changes the weights
 
 
 def test_damaged_cache_entry_is_a_one_line_error(tmp_path):
@@ -166,7 +280,7 @@ def test_pretrained_folder_loads_and_bad_paths_fail_clearly(tmp_path):
     plain = plain_unet()
     plain.save_pretrained(tmp_path / "user_unet")
     gen = load_or_pretrain_generator(tiny_cfg(tmp_path, pretrained=str(tmp_path / "user_unet")), None, None)
-    assert gen.source == "pretrained"
+    assert gen.source == "pretrained" and gen.null_class == 10
     assert torch.equal(probe(gen.unet), probe(plain.eval()))
     add_adapter(gen.unet, "k", DPOSettings())  # a user's plain UNet2DModel still takes adapters
     # A pipeline folder: unet/ plus the scheduler it was trained with, which overrides the config's schedule.

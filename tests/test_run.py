@@ -94,10 +94,11 @@ def test_metrics_file_contents(fedavg_two_rounds):
 def test_fedprox_runs_fedmls_own_trainer(tmp_path, make_config):
     from fedml.simulation.sp.fedprox.fedprox_trainer import FedProxTrainer
 
+    from fedml_feddpd import methods
     from fedml_feddpd.fedml_compat import sp_api_class
     from fedml_feddpd.runner import run
 
-    assert issubclass(sp_api_class("FedProx"), FedProxTrainer)
+    assert issubclass(sp_api_class(methods.get("FedProx")), FedProxTrainer)
     result = run(make_config(federated_optimizer="FedProx", fedprox_mu=0.5), tmp_path / "p", show_progress=False)
     assert result["method"] == "FedProx" and result["final"]["top1"] > 0.40
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class FedDPDSettings:
-    """The `feddpd:` YAML section (DESIGN.md section 1)."""
+    """The `feddpd:` YAML section (docs/DESIGN.md, "The server step")."""
 
     warmup_rounds: int = 20
     supplement_every: int = 40

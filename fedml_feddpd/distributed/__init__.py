@@ -1,18 +1,19 @@
 """FedDPD and the baselines on FedML's distributed backends: MPI simulation (`mpi.py`) and gRPC cross-silo
-(`silo.py`, `ipconfig.py`). Shared server/client bookkeeping lives in `common.py`."""
+(`silo.py` starts a party; `silo_transport.py`, `silo_server.py`, `silo_client.py`, `silo_local.py`,
+`ipconfig.py`). What both share lives in `common.py`."""
 from __future__ import annotations
+
+from ..errors import ConfigError
 
 
 def run_distributed(cfg, out_dir=None, show_progress: bool = True, resume: bool = False):
     """`python -m fedml_feddpd run` with a non-sp backend: one MPI rank, or a whole local gRPC run."""
-    from ..config import ConfigError
-
     if resume:
         raise ConfigError(f"--resume: checkpoints are written on backend sp only, got backend {cfg['backend']}")
     if cfg["backend"] == "MPI":
         from .mpi import run_mpi
 
         return run_mpi(cfg, out_dir, show_progress)
-    from .silo import run_silo_local
+    from .silo_local import run_silo_local
 
     return run_silo_local(cfg, out_dir, show_progress)

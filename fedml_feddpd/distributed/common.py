@@ -1,11 +1,10 @@
-"""What the MPI and gRPC backends share: building a party, the server's round bookkeeping, the client's
-supplement-aware data, and the result of a run.
+"""What the MPI and gRPC backends share: the server's round bookkeeping, the client's supplement-aware
+data, and the result of a run.
 
-Both backends use FedML's own managers (subclassed in `mpi.py` and `silo.py`); this module holds no
-transport. The server side reuses the sp path's pieces unchanged: `runner.build_args` / `init_fedml`,
-`load_federated_data`, `create_model`, `attach_server_step` (policy, scorer, generator service,
-`ServerStep`), `RoundRecorder` and `runner.execute`, so a distributed run writes the same
-`metrics.json` as sp, plus per-round communication bytes and what each client trained on.
+Both backends use FedML's own managers (subclassed in `mpi.py` and `silo_*.py`); this module holds no
+transport. Every party is built by experiment.open_party, the server side by experiment.server_step,
+RoundRecorder and execute, the client side delivers with trainer.SupplementDelivery: so a distributed run
+writes the same `metrics.json` as sp, plus per-round communication bytes and what each client trained on.
 """
 from __future__ import annotations
 
@@ -13,18 +12,17 @@ import copy
 import hashlib
 import pickle
 import time
-from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ..config import SUPPLEMENT_METHODS, RunConfig
+from ..errors import PartyError
+from ..experiment import Experiment, Party, RoundRecorder, execute, open_party, server_step
+
+__all__ = ["ClientCore", "KEY_SUPPLEMENT", "KEY_TRAINED_ON", "Party", "PartyError", "ServerCore", "open_party",
+           "timed"]
 
 # Extra message keys our manager subclasses add to FedML's messages.
 KEY_SUPPLEMENT = "feddpd_supplement"      # server -> client: the client's new supplement (or absent)
 KEY_TRAINED_ON = "feddpd_trained_on"      # client -> server: what the client trained on this round, its seconds
-
-
-class PartyError(RuntimeError):
-    """A distributed run stopped; the message is one line naming the party (rank) and the reason."""
 
 
 def supplement_digest(supplement) -> Optional[str]:
@@ -52,47 +50,6 @@ def pickled_size(obj) -> int:
     return len(pickle.dumps(obj))
 
 
-@dataclass
-class Party:
-    """One process of a distributed run: FedML args, data and model, built the same way on every rank."""
-
-    cfg: RunConfig
-    args: object
-    data: object
-    model: object
-    device: object
-    started: float
-
-
-def build_party(cfg: RunConfig, rank: Optional[int] = None, role: Optional[str] = None,
-                extra_args: Optional[dict] = None) -> Party:
-    """FedML args through `init_fedml` (offline, as every process must), then data and model from the seed.
-
-    MPI: `fedml.init` sets rank, role, comm and worker_num from MPI.COMM_WORLD (fedml/__init__.py:268-281).
-    Cross-silo: the caller gives rank and role; fedml.init fills `client_id_list` (__init__.py:410-433).
-    """
-    started = time.perf_counter()
-    import torch
-
-    from ..data import load_federated_data
-    from ..fedml_compat import init_fedml
-    from ..models import create_model
-    from ..runner import build_args
-
-    args = build_args(cfg)
-    if rank is not None:
-        args.rank, args.role = int(rank), role
-    for key, value in (extra_args or {}).items():
-        setattr(args, key, value)
-    args = init_fedml(args)
-    if cfg["torch_threads"]:
-        torch.set_num_threads(cfg["torch_threads"])
-    data = load_federated_data(args)
-    model = create_model(args, data.class_num)
-    device = torch.device("cuda" if args.using_gpu and torch.cuda.is_available() else "cpu")
-    return Party(cfg, args, data, model, device, started)
-
-
 def fedavg_average(model_list):
     """FedML's sp average (`FedAvgAPI._aggregate`, simulation/sp/fedavg/fedavg_api.py:144-159), called as is.
 
@@ -115,23 +72,16 @@ class ServerCore:
     """
 
     def __init__(self, party: Party, show_progress: bool):
-        from ..runner import Experiment, RoundRecorder, attach_server_step
-
         self.party = party
-        cfg, args, data, model = party.cfg, party.args, party.data, party.model
-        self.train_data_local_dict = data.fedml_dataset[5]  # what attach_server_step reads (runner.py)
         self.round_idx = -1
         self.round_clients: list[int] = []
         self.client_seconds = self.server_seconds = 0.0
-        self.recorder = RoundRecorder(self, model, data, args.eval_every, args.comm_round, show_progress)
-        generator_info = None
-        if args.federated_optimizer in SUPPLEMENT_METHODS:
-            step, generator_info = attach_server_step(cfg, args, data, model, self, show_progress)
-            # The sp delivery writes into the in-process loader dict; here the supplement waits for the
-            # message that starts the client's next round.
-            step.deliver = self._keep
-            self.recorder.server_step = step
-        self.experiment = Experiment(cfg, args, data, model, self, self.recorder, generator_info, party.started)
+        self.recorder = RoundRecorder(self, party, show_progress)
+        # On sp the supplement goes into the client's loader at once; here it waits for the message that
+        # starts the client's next round.
+        step, generator_info = server_step(party, self._keep, show_progress)
+        self.recorder.attach(step)
+        self.experiment = Experiment(party, self, self.recorder, generator_info)
         self.latest: dict[int, tuple[int, object]] = {}  # client id -> (version, newest supplement)
         self.sent: dict[tuple[int, int], int] = {}        # (receiving rank, client id) -> version it holds
         self.delivered_log: dict[int, dict] = {}          # round -> {client id: summary of what was produced}
@@ -215,8 +165,6 @@ class ServerCore:
 
     # --- result ---------------------------------------------------------------------------------------
     def result(self, backend: str) -> dict:
-        from ..runner import execute
-
         result = execute(self.experiment)
         for record in result["rounds"]:
             r = record["round"]
@@ -235,35 +183,27 @@ class ServerCore:
 
 class ClientCore:
     """A client party's data: its real loaders (built from the seed like every rank's) and, for supplement
-    methods, the supplemented loader that replaces a client's loader when a supplement arrives, exactly
-    as the sp delivery does (runner.attach_server_step)."""
+    methods, the delivery that replaces a client's loader when a supplement arrives, as on sp."""
 
     def __init__(self, party: Party):
-        from ..trainer import tensors_of
+        from ..trainer import SupplementDelivery
 
         self.party = party
         args = party.args
         self.loaders = party.data.fedml_dataset[5]  # the dict FedML's trainers read, replaced in place
-        self.supplemented = args.federated_optimizer in SUPPLEMENT_METHODS
-        # sp reads every client's real tensors once before round 0 (attach_server_step): that iteration
-        # draws from each loader's shuffle generator, so the clients here do the same to stay on the
-        # same shuffle stream.
-        self.real = {cid: tensors_of(loader) for cid, loader in self.loaders.items()} if self.supplemented else {}
-        self.holding: dict[int, object] = {}  # client id -> the supplement it trains with
-        self.weight = float(party.cfg.sections["feddpd"]["supplement_weight"])
+        # sp reads every client's real tensors once before round 0 (SupplementDelivery): the clients here
+        # do the same, so that both stay on the same shuffle stream.
+        self.delivery = (SupplementDelivery(self.loaders, party.cfg.sections["feddpd"]["supplement_weight"],
+                                            args.batch_size, int(args.random_seed))
+                         if party.method.supplement else None)
 
     def deliver(self, cid: int, supplement) -> None:
-        from ..trainer import with_supplement
-
-        cid = int(cid)
-        args = self.party.args
-        self.holding[cid] = supplement
-        self.loaders[cid] = with_supplement(self.real[cid], supplement, self.weight, args.batch_size,
-                                            seed=int(args.random_seed) * 1000 + cid)
+        self.delivery(cid, supplement)
 
     def report(self, cid: int, seconds: float) -> dict:
+        holding = self.delivery.holding.get(int(cid)) if self.delivery else None
         return {"client": int(cid), "seconds": seconds,
-                "supplement": supplement_summary(self.holding.get(int(cid)), self.party.data.class_num)}
+                "supplement": supplement_summary(holding, self.party.data.class_num)}
 
 
 def timed(train, on_done):
@@ -276,15 +216,3 @@ def timed(train, on_done):
         return out
 
     return timed_train
-
-
-def die_with_parent() -> None:
-    """A child gets SIGTERM when its launcher dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG; elsewhere
-    a no-op). Used for silo-local's parties and compare's worker processes."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except Exception:
-        pass

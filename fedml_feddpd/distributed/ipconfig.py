@@ -13,10 +13,13 @@ import os
 import socket
 from pathlib import Path
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 COLUMNS = ("eid", "rank", "grpc_server_ip", "grpc_server_port")
 LOOPBACK = "127.0.0.1"
+# A peer that has not been heard from at all may still be starting (importing FedML takes ~10 s, more on a
+# loaded machine): until its first message it gets at least this long.
+STARTUP_GRACE_S = 120.0
 DEFAULT_BASE_PORT = 8890  # FedML's CommunicationConstants.GRPC_BASE_PORT: party r listens on 8890 + r
 
 

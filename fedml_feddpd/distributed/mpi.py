@@ -30,7 +30,9 @@ from fedml.simulation.mpi.fedavg.FedAvgClientManager import FedAVGClientManager
 from fedml.simulation.mpi.fedavg.FedAvgServerManager import FedAVGServerManager
 from fedml.simulation.mpi.fedavg.message_define import MyMessage
 
-from .common import KEY_SUPPLEMENT, KEY_TRAINED_ON, ClientCore, PartyError, ServerCore, build_party, timed
+from ..errors import PartyError
+from ..outputs import default_out_dir, write_outputs
+from .common import KEY_SUPPLEMENT, KEY_TRAINED_ON, ClientCore, ServerCore, open_party, timed
 
 MPI_WORLD_ENV = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK",
                  "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK", "MPI_LOCALRANKID",
@@ -179,10 +181,7 @@ def _run_rank(cfg, out_dir, show_progress):
     from fedml.ml.aggregator.aggregator_creator import create_server_aggregator
     from fedml.ml.trainer.trainer_creator import create_model_trainer
 
-    from ..config import SUPPLEMENT_METHODS
-    from ..runner import default_out_dir, write_outputs
-
-    party = build_party(cfg)
+    party = open_party(cfg)
     args = party.args
     rank, size = int(args.rank), int(args.worker_num)  # worker_num = MPI world size here (fedml/__init__.py:277)
     # MPI is up (fedml.init imported mpi4py). The server's DPO runs TRL on accelerate, which reads the
@@ -218,15 +217,11 @@ def _run_rank(cfg, out_dir, show_progress):
         out = Path(out_dir) if out_dir else default_out_dir(cfg)
         write_outputs(out, result, cfg)
         return result
-    # init_client (FedAvgAPI.py:112-141): sp trains supplement methods with SupplementedTrainer and
-    # FedAvg with FedML's default trainer; so do the client ranks.
+    # init_client (FedAvgAPI.py:112-141) with the method's client trainer, as on sp (FedML's default
+    # trainer when the registry names none).
     core = ClientCore(party)
-    if args.federated_optimizer in SUPPLEMENT_METHODS:
-        from ..trainer import SupplementedTrainer
-
-        model_trainer = SupplementedTrainer(party.model, args)
-    else:
-        model_trainer = create_model_trainer(party.model, args)
+    trainer_cls = party.method.trainer_class()
+    model_trainer = trainer_cls(party.model, args) if trainer_cls else create_model_trainer(party.model, args)
     model_trainer.set_id(rank - 1)
     trainer = FedAVGTrainer(rank - 1, local_train, local_num, local_test, train_num, party.device, args,
                             model_trainer)

@@ -5,6 +5,7 @@ through unchanged; every check raises a one-line ValueError naming the YAML path
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Tuple
 
@@ -37,6 +38,12 @@ def _choice(prefix: str, name: str, value, allowed) -> None:
         raise ValueError(f"{prefix}.{name}: expected one of {', '.join(allowed)}, got {value!r}")
 
 
+def check_guidance_scale(name: str, value) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 1
+    if not ok:
+        raise ValueError(f"{name}: expected a finite number >= 1 (1 = no classifier-free guidance), got {value!r}")
+
+
 @dataclass
 class GeneratorConfig:
     """Class-conditional diffusers UNet and its schedulers; defaults fit 8x8 digits."""
@@ -56,6 +63,10 @@ class GeneratorConfig:
     ema_decay: float = 0.995
     label_dropout: float = 0.1
     sample_steps: int = 50
+    # Classifier-free guidance at sampling: eps_null + w * (eps_class - eps_null), w >= 1; 1 = off (one UNet pass per
+    # step, as before); w != 1 needs the null class that label_dropout > 0 trains and costs 2 passes per step.
+    # Sampling-only: not in the cache key. 1.5 chosen on validation data by `bench_generator.py --guidance`.
+    guidance_scale: float = 1.5
     pretrained: Optional[str] = None
     cache_dir: str = "~/.cache/fedml_feddpd/generators"
 
@@ -84,6 +95,10 @@ class GeneratorConfig:
         _positive(p, "pretrain_lr", self.pretrain_lr)
         _unit(p, "ema_decay", self.ema_decay, closed_top=False)
         _unit(p, "label_dropout", self.label_dropout, closed_top=False)
+        check_guidance_scale(f"{p}.guidance_scale", self.guidance_scale)
+        if self.guidance_scale != 1 and self.label_dropout == 0:
+            raise ValueError(f"{p}.guidance_scale: expected 1 when label_dropout is 0 (no null class is trained to "
+                             f"guide with; the default is 1.5), got {self.guidance_scale!r}")
         if self.pretrained is not None and (not isinstance(self.pretrained, str) or not self.pretrained):
             raise ValueError(f"{p}.pretrained: expected a path to a local diffusers UNet folder or null, "
                              f"got {self.pretrained!r}")

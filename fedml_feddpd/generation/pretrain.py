@@ -18,7 +18,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .config import GeneratorConfig
 from .unet import GeneratorUNet, build_train_scheduler, build_unet, check_matches, load_train_scheduler, load_unet
 
@@ -35,7 +35,7 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 ARCH_KEYS = ("sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block", "norm_num_groups",
              "down_block_types", "up_block_types", "attention_head_dim", "num_class_embeds")
 # Fields that do not change the trained weights, so changing them must not invalidate a cache.
-_NOT_IN_KEY = ("sample_steps", "pretrained", "cache_dir")
+_NOT_IN_KEY = ("sample_steps", "guidance_scale", "pretrained", "cache_dir")
 
 
 @dataclass
@@ -48,6 +48,8 @@ class ServerGenerator:
     path: Optional[str]
     seconds: float
     final_loss: Optional[float] = None
+    # The label trained by label dropout, for classifier-free guidance (sample(..., null_class=)); None without one.
+    null_class: Optional[int] = None
 
 
 def data_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
@@ -164,6 +166,12 @@ def train_unet(cfg: GeneratorConfig, images: torch.Tensor, labels: torch.Tensor,
     return unet, scheduler, final
 
 
+def _null_class(unet: GeneratorUNet, cfg: GeneratorConfig) -> Optional[int]:
+    """cfg.null_class if label dropout trained it (for `pretrained`, label_dropout states how that UNet was trained)."""
+    embeds = unet.config.num_class_embeds
+    return cfg.null_class if cfg.label_dropout > 0 and embeds is not None and embeds > cfg.null_class else None
+
+
 def _frozen(unet: GeneratorUNet) -> GeneratorUNet:
     unet.requires_grad_(False)
     return unet.eval()
@@ -183,7 +191,7 @@ def load_or_pretrain_generator(cfg: GeneratorConfig, images: torch.Tensor, label
         except ValueError as exc:
             raise GeneratorFileError(str(exc).splitlines()[0]) from None
         return ServerGenerator(_frozen(unet), load_train_scheduler(cfg.pretrained, cfg), "pretrained", cfg.pretrained,
-                         time.perf_counter() - start)
+                               time.perf_counter() - start, null_class=_null_class(unet, cfg))
     _check_data(images, labels, cfg)
     key = cache_key(cfg, images, labels, seed)
     folder = os.path.join(os.path.expanduser(cfg.cache_dir), key)
@@ -192,7 +200,7 @@ def load_or_pretrain_generator(cfg: GeneratorConfig, images: torch.Tensor, label
             unet = _load_cached(folder, key, cfg)
             logger.info("generator loaded from cache %s", folder)
             return ServerGenerator(_frozen(unet), build_train_scheduler(cfg), "cache", folder,
-                                   time.perf_counter() - start)
+                                   time.perf_counter() - start, null_class=_null_class(unet, cfg))
         except Exception as exc:  # any failure to load means the entry is unusable, whatever raised it
             # Entries are written atomically, so a bad one was damaged from outside: say so and stop
             # rather than silently spending minutes retraining (the user decides).
@@ -204,4 +212,5 @@ def load_or_pretrain_generator(cfg: GeneratorConfig, images: torch.Tensor, label
             "generator_config": cfg.to_dict(), "final_loss": final, "steps": cfg.pretrain_steps}
     _save_cache(unet, folder, meta)
     logger.info("generator trained in %.1fs and cached at %s", time.perf_counter() - start, folder)
-    return ServerGenerator(_frozen(unet), scheduler, "trained", folder, time.perf_counter() - start, final)
+    return ServerGenerator(_frozen(unet), scheduler, "trained", folder, time.perf_counter() - start, final,
+                           null_class=_null_class(unet, cfg))

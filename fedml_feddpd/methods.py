@@ -1,0 +1,133 @@
+"""The method registry: every `train_args.federated_optimizer` this plugin runs, in one table.
+
+An entry says which FedML API class runs the method, its server-side supplement policy or its client
+trainer, which config keys it reads (so a finished run is reused only while those keys are unchanged),
+what crosses FedAvg's privacy boundary, and the backends it supports. config.py, checkpoint.py,
+experiment.py, fedml_compat.py and fedml_plugin.py read it; nothing else names a method.
+
+Classes are named as "module:Class" strings and imported when a run needs them, so the table is plain
+data: reading it imports neither torch nor FedML. Adding a method is one `register(Method(...))` here
+(or in your own code before the run) plus the file of its policy or trainer; docs/DESIGN.md shows both.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional
+
+from .errors import ConfigError
+from .schema import Key, float_key
+
+# Plugin sections a method may read; a method that does not read one ignores it (run identity).
+PLUGIN_SECTIONS = ("feddpd", "dpo_args", "generator")
+ALL = None  # in `reads`: every key of the section
+# The `feddpd:` keys the server step and the delivery of any supplement method read.
+SCHEDULE = ("warmup_rounds", "supplement_every", "supplement_weight")
+
+WITHIN = "within FedAvg's boundary: model parameters and sample counts only"
+LABEL_COUNTS = "breaks the boundary: the server uses each client's label counts"
+HELD_OUT = "not deployable: uses held-out real data drawn from the global distribution"
+
+FEDAVG_API = "fedml.simulation.sp.fedavg.fedavg_api:FedAvgAPI"
+ALL_BACKENDS = ("sp", "MPI", "GRPC")
+
+
+def load(path: str):
+    """The object a "module:attribute" string names."""
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    api: str = FEDAVG_API             # FedML sp API class it runs on (sp backend)
+    policy: Optional[str] = None      # its SupplementPolicy (server step after aggregation), if any
+    trainer: Optional[str] = None     # its client trainer; None: FedML's ModelTrainerCLS (SupplementedTrainer
+    #                                   for methods with a policy, which train on real data + supplement)
+    reads: Mapping[str, Optional[tuple]] = field(default_factory=dict)  # plugin section -> keys (ALL: every key)
+    options: Mapping[str, Key] = field(default_factory=dict)            # its own train_args keys
+    privacy: str = WITHIN
+    backends: tuple = ("sp",)
+    # FedProxTrainer(dataset, model, device, args) against FedAvgAPI(args, device, dataset, model)
+    api_args: str = "args_first"
+    check: Optional[Callable[[dict], None]] = None  # cross-key check on the validated sections
+
+    @property
+    def supplement(self) -> bool:
+        return self.policy is not None
+
+    @property
+    def uses_generator(self) -> bool:
+        return "generator" in self.reads
+
+    @property
+    def crosses_boundary(self) -> bool:
+        return self.privacy != WITHIN
+
+    def api_class(self):
+        return load(self.api)
+
+    def policy_class(self):
+        return load(self.policy) if self.policy else None
+
+    def trainer_class(self):
+        if self.trainer:
+            return load(self.trainer)
+        if self.policy:
+            return load("fedml_feddpd.trainer:SupplementedTrainer")
+        return None
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add (or replace) a method; its name becomes a valid `train_args.federated_optimizer`."""
+    REGISTRY[method.name] = method
+    return method
+
+
+def names() -> tuple[str, ...]:
+    return tuple(REGISTRY)
+
+
+def get(name: str) -> Method:
+    if name not in REGISTRY:
+        raise ConfigError(f"train_args.federated_optimizer: expected one of {', '.join(REGISTRY)}, got {name!r}")
+    return REGISTRY[name]
+
+
+def supplement_methods() -> tuple[str, ...]:
+    return tuple(n for n, m in REGISTRY.items() if m.supplement)
+
+
+def all_options() -> dict[str, Key]:
+    """Every method's own train_args keys (the config schema accepts them all; a method reads its own)."""
+    return {k: v for m in REGISTRY.values() for k, v in m.options.items()}
+
+
+def _needs_oracle_data(sections: dict) -> None:
+    if sections["data_args"]["oracle_fraction"] <= 0:
+        raise ConfigError("data_args.oracle_fraction: Oracle draws real held-out data; expected a number in "
+                          "(0, 1), got 0")
+
+
+# --- the built-in methods ---------------------------------------------------------------------------
+register(Method("FedAvg", "FedML's FedAvg", backends=ALL_BACKENDS))
+register(Method("FedProx", "FedML's FedProx (proximal term fedprox_mu)",
+                api="fedml.simulation.sp.fedprox.fedprox_trainer:FedProxTrainer", api_args="dataset_first",
+                options={"fedprox_mu": float_key(0.0, default=0.1)}))
+register(Method("FedDPD", "discrepancy-guided, Diffusion-DPO-adapted synthetic supplements",
+                policy="fedml_feddpd.supplement:FedDPDPolicy",
+                reads={"feddpd": ALL, "dpo_args": ALL, "generator": ALL}, backends=ALL_BACKENDS))
+register(Method("FedDiff", "one class-balanced synthetic set shared by every client",
+                policy="baselines.feddiff:FedDiffPolicy",
+                reads={"feddpd": SCHEDULE + ("supplement_ratio",), "generator": ALL}, backends=ALL_BACKENDS))
+register(Method("Balance", "synthetic samples that flatten each client's label histogram",
+                policy="baselines.balance:BalancePolicy", reads={"feddpd": SCHEDULE, "generator": ALL},
+                privacy=LABEL_COUNTS, backends=ALL_BACKENDS))
+register(Method("Oracle", "real held-out samples from the global distribution, FedDPD's budget",
+                policy="baselines.oracle:OraclePolicy", reads={"feddpd": SCHEDULE + ("supplement_ratio",)},
+                privacy=HELD_OUT, backends=ALL_BACKENDS, check=_needs_oracle_data))

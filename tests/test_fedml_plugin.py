@@ -1,0 +1,68 @@
+"""The plugin inside FedML's own entry points (fedml_plugin.py): FedML's quick-start script runs FedDPD."""
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+
+from conftest import ROOT, shrink
+
+GUARDED_QUICKSTART = """
+import runpy, sys
+sys.path.insert(0, {tests!r})
+import network_guard
+sys.argv = ["fedml_quickstart.py", "--cf", {cf!r}]
+runpy.run_path({script!r}, run_name="__main__")
+sys.__stdout__.write(f"network attempts: {{network_guard.ATTEMPTS}}\\n")  # fedml.init redirects print
+sys.exit(0 if not network_guard.ATTEMPTS else 3)
+"""
+
+
+def test_fedmls_quickstart_script_runs_feddpd_offline(tmp_path):
+    """examples/fedml_quickstart.py is FedML's five-line script plus `import fedml_feddpd`: it runs FedDPD
+    (generator, TRL's DPO, PEFT) on the embedded digits through FedMLRunner on sp, with no network."""
+    raw = shrink(yaml.safe_load(open(os.path.join(ROOT, "configs", "digits_feddpd.yaml"))))
+    raw["train_args"].update(client_num_per_round=2, epochs=1)
+    raw["feddpd"].update(warmup_rounds=0, supplement_every=1, tau=0.0, pool_per_class=4)
+    raw["generator"].update(pretrain_steps=5, sample_steps=3, cache_dir=str(tmp_path / "gen"))
+    raw["dpo_args"].update(max_steps=2, batch_size=2, learning_rate=0.5)  # must not reach train_args
+    raw.setdefault("run_args", {})["output_dir"] = str(tmp_path / "runs")
+    cf = tmp_path / "quick.yaml"
+    cf.write_text(yaml.safe_dump(raw))
+    code = GUARDED_QUICKSTART.format(tests=os.path.join(ROOT, "tests"), cf=str(cf),
+                                     script=os.path.join(ROOT, "examples", "fedml_quickstart.py"))
+    env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "network attempts: []" in out
+    metrics = json.loads((tmp_path / "runs" / "quick_seed0" / "metrics.json").read_text())
+    assert metrics["method"] == "FedDPD" and len(metrics["rounds"]) == 2
+    assert metrics["rounds"][0]["server_step"]["server_stage_seconds"]["dpo"] > 0  # TRL really ran
+    assert metrics["config"]["train_args"]["learning_rate"] == raw["train_args"]["learning_rate"]
+
+
+def test_hooks_hand_fedmls_own_names_back_to_fedml():
+    import fedml
+    import fedml.data
+    import fedml.model
+
+    import fedml_feddpd
+    from fedml_feddpd import fedml_plugin, methods
+
+    fedml_feddpd.register()
+    assert fedml_plugin._registered
+    assert fedml.data.load.__wrapped__ is not None and fedml.model.create.__wrapped__ is not None
+    assert "FedDPD" in fedml_plugin.plugin_methods() and "FedAvg" not in fedml_plugin.plugin_methods()
+    assert set(fedml_plugin.plugin_methods()) <= set(methods.REGISTRY)
+
+
+def test_importing_the_package_leaves_fedml_unimported():
+    """`import fedml_feddpd` stays fast: it registers with FedML only once FedML itself is imported."""
+    code = ("import sys, fedml_feddpd; assert 'fedml' not in sys.modules; import fedml; "
+            "from fedml_feddpd import fedml_plugin; assert fedml_plugin._registered; print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]

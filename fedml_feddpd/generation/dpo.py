@@ -9,7 +9,8 @@ is minus its denoising error at a timestep t and noise e shared by the pair:
 
 and DPOTrainer's sigmoid/hinge/ipo code then computes exactly the Diffusion-DPO loss (Wallace et al., 2023).
 The reference is the same UNet with adapters disabled. `DiffusionDPOTrainer.__init__` runs transformers'
-Trainer.__init__ and sets the attributes `_compute_loss` reads; tests/test_trl_contract.py pins them.
+Trainer.__init__ and sets the attributes `_compute_loss` reads; tests/test_trl_contract.py checks the result
+against the Diffusion-DPO formulas, and `_check_trl` fails in one line when those internals are gone.
 """
 from __future__ import annotations
 
@@ -32,8 +33,12 @@ from transformers import PrinterCallback  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 from trl.trainer.base_trainer import _BaseTrainer  # noqa: E402
 
+from ..errors import ConfigError  # noqa: E402
 from .adapters import adapters_disabled, add_adapter, has_adapter, set_active_adapter  # noqa: E402
 from .config import LOSS_TYPES, DPOSettings  # noqa: E402
+
+# The TRL releases whose DPOTrainer internals this module is written against; setup.py pins the same range.
+SUPPORTED_TRL = "trl>=1.0,<1.17"
 
 # (attribute, value taken from DPOConfig or fixed): what DPOTrainer.__init__ would set and _compute_loss reads.
 _FIXED_DPO_OPTIONS = {"precompute_ref_log_probs": False, "f_divergence_type": "reverse_kl", "ld_alpha": None,
@@ -125,20 +130,25 @@ class PairCollator:
 
 
 def _check_trl() -> None:
-    """Fail loudly, before training, if the DPOTrainer internals used here moved."""
+    """Fail before training, in one line, if the TRL internals this module reuses are missing or reshaped."""
     problems = []
-    if list(inspect.signature(DPOTrainer._compute_loss).parameters) != ["self", "model", "inputs", "return_outputs"]:
+    compute_loss = getattr(DPOTrainer, "_compute_loss", None)
+    if compute_loss is None:
+        problems.append("DPOTrainer._compute_loss not found")
+    elif list(inspect.signature(compute_loss).parameters) != ["self", "model", "inputs", "return_outputs"]:
         problems.append("DPOTrainer._compute_loss(model, inputs, return_outputs) changed signature")
     if not hasattr(_BaseTrainer, "_send_telemetry"):
-        problems.append("trl.trainer.base_trainer._BaseTrainer._send_telemetry is gone")
-    missing = [f for f in ("beta", "loss_type", *_FIXED_DPO_OPTIONS) if f not in DPOConfig.__dataclass_fields__]
+        problems.append("_BaseTrainer._send_telemetry not found")
+    fields = getattr(DPOConfig, "__dataclass_fields__", {})
+    missing = [f for f in dict.fromkeys(("beta", "loss_type", "f_divergence_type", "f_alpha_divergence_coef",
+                                         "label_smoothing", *_FIXED_DPO_OPTIONS)) if f not in fields]
     if missing:
-        problems.append(f"DPOConfig lacks {missing}")
+        problems.append(f"DPOConfig lacks {', '.join(missing)}")
     if problems:
         import trl
 
-        raise RuntimeError(f"trl {trl.__version__} is incompatible with fedml_feddpd's Diffusion-DPO trainer: "
-                           + "; ".join(problems) + " (supported: trl>=1.0,<1.17)")
+        raise ConfigError(f"trl {getattr(trl, '__version__', '?')}: {'; '.join(problems)}; fedml-feddpd supports "
+                          f"{SUPPORTED_TRL} (pip install '{SUPPORTED_TRL}')")
 
 
 class DiffusionDPOTrainer(DPOTrainer):

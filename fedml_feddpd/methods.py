@@ -131,3 +131,13 @@ register(Method("Balance", "synthetic samples that flatten each client's label h
 register(Method("Oracle", "real held-out samples from the global distribution, FedDPD's budget",
                 policy="baselines.oracle:OraclePolicy", reads={"feddpd": SCHEDULE + ("supplement_ratio",)},
                 privacy=HELD_OUT, backends=ALL_BACKENDS, check=_needs_oracle_data))
+register(Method("FedLC", "client-side logit calibration by local label counts (Zhang et al., ICML 2022)",
+                trainer="baselines.fedlc:FedLCTrainer", options={"fedlc_tau": float_key(0.0, default=1.0)},
+                backends=ALL_BACKENDS))
+register(Method("FedRS", "client-side restricted softmax for locally absent classes (Li & Zhan, KDD 2021)",
+                trainer="baselines.fedrs:FedRSTrainer", options={"fedrs_alpha": float_key(0.0, 1.0, default=0.5)},
+                backends=ALL_BACKENDS))
+register(Method("Balance@B", "Balance's flattening direction at FedDPD's budget B_k",
+                policy="baselines.balance:BalanceBudgetPolicy",
+                reads={"feddpd": SCHEDULE + ("supplement_ratio",), "generator": ALL},
+                privacy=LABEL_COUNTS, backends=ALL_BACKENDS))

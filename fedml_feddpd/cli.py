@@ -26,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="runs at once, each in its own process (default 1; 2 suits a 2-core machine)")
     compare.add_argument("--collect-only", action="store_true",
                          help="start no run: write the report from the runs that have finished")
+    compare.add_argument("--settings", default=None,
+                         help="comma-separated setting names: run and report only these (default: all)")
+    compare.add_argument("--methods", default=None,
+                         help="comma-separated method names of the suite: run and report only these (default: all)")
     compare.add_argument("--no-progress", action="store_true")
     report = verbs.add_parser("report", help="rebuild report.md and curves from a compare folder's results.json")
     report.add_argument("dir")
@@ -126,7 +130,9 @@ def _compare_or_report(args) -> int:
 
     try:
         if args.verb == "compare":
-            out = run_suite(args.cf, args.out, not args.no_progress, args.workers, args.collect_only)
+            split = (lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None)
+            out = run_suite(args.cf, args.out, not args.no_progress, args.workers, args.collect_only,
+                            split(args.settings), split(args.methods))
         else:
             out = rebuild_report(args.dir)
     except (ConfigError, FileNotFoundError) as exc:

@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from .compare_results import _run_dir, rebuild_report, write_results  # noqa: F401 (rebuild_report: the CLI)
+from . import methods
 from .config import RunConfig, load_config, validate
 from .errors import ConfigError
 
@@ -38,8 +39,20 @@ def _merge(base: dict, over: dict) -> dict:
             out[section] = copy.deepcopy(body)
     return out
 
-def load_suite(path: str) -> tuple[dict, dict[tuple[str, str, int], RunConfig]]:
-    """The suite and every run's validated config, checked before anything runs."""
+def _select(table: dict, wanted: list[str] | None, flag: str) -> dict:
+    """The entries of the suite's `settings` or `methods` named by --settings / --methods (all when None)."""
+    if not wanted:
+        return table
+    unknown = [w for w in wanted if w not in table]
+    if unknown:
+        raise ConfigError(f"{flag} {unknown[0]}: not in the suite; expected one of {', '.join(table)}")
+    return {k: v for k, v in table.items() if k in wanted}
+
+
+def load_suite(path: str, settings_wanted: list[str] | None = None,
+               methods_wanted: list[str] | None = None) -> tuple[dict, dict[tuple[str, str, int], RunConfig]]:
+    """The suite and every run's validated config, checked before anything runs. `settings_wanted` /
+    `methods_wanted` keep part of the suite (compare --settings / --methods)."""
     if not os.path.isfile(path):
         raise ConfigError(f"--cf {path}: file not found; expected a compare suite such as configs/compare_digits.yaml")
     with open(path) as fh:
@@ -62,7 +75,8 @@ def load_suite(path: str) -> tuple[dict, dict[tuple[str, str, int], RunConfig]]:
         raise ConfigError(f"base: {suite['base']} not found (relative to the working directory or {path}); "
                           "expected a FedML YAML such as configs/digits_feddpd.yaml")
     base = load_config(base_path).sections
-    settings = suite.get("settings") or {"default": {}}
+    settings = _select(suite.get("settings") or {"default": {}}, settings_wanted, "--settings")
+    suite["methods"] = _select(suite["methods"], methods_wanted, "--methods")
     runs = {}
     for s_name, s_over in settings.items():
         for m_name, m_over in suite["methods"].items():
@@ -79,7 +93,8 @@ def load_suite(path: str) -> tuple[dict, dict[tuple[str, str, int], RunConfig]]:
 
 
 def run_suite(path: str, out_dir: str | None = None, show_progress: bool = True, workers: int = 1,
-              collect_only: bool = False) -> Path:
+              collect_only: bool = False, settings: list[str] | None = None,
+              methods_wanted: list[str] | None = None) -> Path:
     """Run every unfinished run of the suite, `workers` at a time (each in its own spawned process,
     so with 2 cores two 1-thread runs use the machine better than one), then write the report.
     `collect_only`: start nothing, report the runs that have finished (partial cells say so)."""
@@ -87,7 +102,7 @@ def run_suite(path: str, out_dir: str | None = None, show_progress: bool = True,
 
     from .checkpoint import read_finished
 
-    suite, runs = load_suite(path)
+    suite, runs = load_suite(path, settings, methods_wanted)
     if workers < 1:
         raise ConfigError(f"--workers: expected an integer >= 1, got {workers}")
     out = Path(out_dir or suite.get("output_dir") or "runs/compare")
@@ -140,5 +155,6 @@ def _run_one(cfg: RunConfig, out_dir: str) -> None:
     from .runner import run
 
     quiet_fedml_imports()
-    run(cfg, out_dir, show_progress=False, resume=True)
+    # an unfinished run of a method that writes no checkpoints (methods.Method.resumable) starts over
+    run(cfg, out_dir, show_progress=False, resume=methods.get(cfg["federated_optimizer"]).can_resume(cfg.sections))
 

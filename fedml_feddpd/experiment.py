@@ -219,7 +219,7 @@ def execute(exp: Experiment, checkpoint_dir=None, state: Optional[dict] = None) 
     from .checkpoint import Checkpointer
 
     start = 0
-    if checkpoint_dir is not None and exp.cfg["checkpoint_every"]:
+    if checkpoint_dir is not None and exp.cfg["checkpoint_every"] and exp.party.method.can_resume(exp.cfg.sections):
         exp.checkpointer = exp.recorder.checkpointer = Checkpointer(exp, checkpoint_dir, exp.cfg["checkpoint_every"])
         if state is not None:
             start = exp.checkpointer.restore(state)

@@ -34,9 +34,10 @@ import warnings
 
 from . import methods
 
-# Names FedML's SimulatorSingleProcess runs itself (simulation/simulator.py:40-62; fedml/constants.py).
-FEDML_SP_NAMES = ("FedAvg", "FedOpt", "FedNova", "FedDyn", "FedProx", "SCAFFOLD", "Mime", "HierarchicalFL",
-                  "turbo_aggregate", "classical_vertical")
+# Registry methods that FedML's SimulatorSingleProcess runs correctly by itself (simulation/simulator.py:40-62).
+# FedOpt, FedNova and SCAFFOLD are in the registry because FedML's own classes are broken
+# (baselines/fedml_sp.py): through FedMLRunner they run the fixed subclasses.
+FEDML_SP_NAMES = ("FedAvg", "FedProx")
 PLUGIN_DATASETS = ("digits",)
 PLUGIN_MODELS = ("cnn_digits",)
 
@@ -74,7 +75,7 @@ class FedMLDataset(list):
 
 def _load_data(original):
     def load(args):
-        if args.dataset not in PLUGIN_DATASETS and args.federated_optimizer not in plugin_methods():
+        if args.dataset not in PLUGIN_DATASETS:  # FedML's own datasets: FedML's loader
             return original(args)
         config_of(args)
         from .data import load_federated_data

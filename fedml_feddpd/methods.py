@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
 from .errors import ConfigError
-from .schema import Key, float_key
+from .schema import Key, choice_key, float_key
 
 # Plugin sections a method may read; a method that does not read one ignores it (run identity).
 PLUGIN_SECTIONS = ("feddpd", "dpo_args", "generator")
@@ -53,6 +53,9 @@ class Method:
     # FedProxTrainer(dataset, model, device, args) against FedAvgAPI(args, device, dataset, model)
     api_args: str = "args_first"
     check: Optional[Callable[[dict], None]] = None  # cross-key check on the validated sections
+    # False (or a function of the sections): the method keeps server or client state that checkpoint.py does not
+    # save, so it writes no checkpoints and `run --resume` is refused with one line
+    resumable: object = True
 
     @property
     def supplement(self) -> bool:
@@ -65,6 +68,9 @@ class Method:
     @property
     def crosses_boundary(self) -> bool:
         return self.privacy != WITHIN
+
+    def can_resume(self, sections: dict) -> bool:
+        return bool(self.resumable(sections) if callable(self.resumable) else self.resumable)
 
     def api_class(self):
         return load(self.api)
@@ -141,3 +147,19 @@ register(Method("Balance@B", "Balance's flattening direction at FedDPD's budget 
                 policy="baselines.balance:BalanceBudgetPolicy",
                 reads={"feddpd": SCHEDULE + ("supplement_ratio",), "generator": ALL},
                 privacy=LABEL_COUNTS, backends=ALL_BACKENDS))
+register(Method("FedOpt", "FedML's FedOpt: server_optimizer on the pseudo-gradient w_global - avg(w_locals)",
+                api="baselines.fedml_sp:FedOpt",
+                options={"server_optimizer": choice_key(("adam", "adagrad", "sgd"), "adam"),
+                         "server_lr": float_key(0.0, default=0.01, low_open=True)},
+                resumable=False))  # server optimizer state (baselines/fedml_sp.py)
+register(Method("FedNova", "FedML's FedNova: normalized averaging of local updates",
+                api="baselines.fedml_sp:FedNova", api_args="dataset_first",
+                options={"gmf": float_key(0.0, 1.0, default=0.0, high_open=True),
+                         "mu": float_key(0.0, default=0.0),
+                         "momentum": float_key(0.0, 1.0, default=0.0, high_open=True),
+                         "dampening": float_key(0.0, 1.0, default=0.0)},
+                resumable=lambda s: s["train_args"]["gmf"] == 0))  # server momentum when gmf > 0
+register(Method("SCAFFOLD", "FedML's SCAFFOLD: control variates correct client drift",
+                api="baselines.fedml_sp:SCAFFOLD", api_args="dataset_first",
+                options={"scaffold_server_lr": float_key(0.0, default=1.0, low_open=True)},
+                resumable=False))  # control variates

@@ -229,3 +229,14 @@ def test_report_on_old_results_json(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "settings.IF=10.FedAvg.top1.values missing or malformed" in err[0]
     assert "Traceback" not in err[0]
+
+
+def test_settings_and_methods_flags_keep_part_of_the_suite(tmp_path):
+    from fedml_feddpd.compare import load_suite
+    from fedml_feddpd.errors import ConfigError
+
+    suite, runs = load_suite(os.path.join(ROOT, "configs", "compare_digits.yaml"), ["IF=10"], ["FedAvg", "FedLC"])
+    assert set(suite["settings"]) == {"IF=10"} and list(suite["methods"]) == ["FedAvg", "FedLC"]
+    assert {k[:2] for k in runs} == {("IF=10", "FedAvg"), ("IF=10", "FedLC")} and len(runs) == 10
+    with pytest.raises(ConfigError, match=r"^--methods FedFoo: not in the suite; expected one of FedAvg"):
+        load_suite(os.path.join(ROOT, "configs", "compare_digits.yaml"), None, ["FedFoo"])

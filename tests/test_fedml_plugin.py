@@ -43,6 +43,14 @@ def test_fedmls_quickstart_script_runs_feddpd_offline(tmp_path):
     assert metrics["rounds"][0]["server_step"]["server_stage_seconds"]["dpo"] > 0  # TRL really ran
     assert metrics["config"]["train_args"]["learning_rate"] == raw["train_args"]["learning_rate"]
 
+    # the same config through `python -m fedml_feddpd run`'s path gives the same rounds, bit for bit
+    from fedml_feddpd.config import validate
+    from fedml_feddpd.runner import run
+
+    cli = run(validate(raw, str(cf)), tmp_path / "cli", show_progress=False)
+    keys = ("round", "clients", "top1", "balanced_accuracy", "train_loss", "test_loss")
+    assert [[r.get(k) for k in keys] for r in cli["rounds"]] == [[r.get(k) for k in keys] for r in metrics["rounds"]]
+
 
 def test_hooks_hand_fedmls_own_names_back_to_fedml():
     import fedml

@@ -372,3 +372,87 @@ def test_adapter_save_load_round_trip_and_delete(tmp_path):
         load_adapter(other, "C", str(tmp_path / "nowhere"))
     with pytest.raises(TypeError, match="cannot hold LoRA adapters"):
         add_adapter(plain_unet(), "A", DPOSettings())
+
+
+# A run that needs an uncached generator: signals "ready" once imported, waits for "go", then asks for it. Training
+# starts with a short sleep so the other run surely arrives while this one holds the cache lock.
+_CONCURRENT_RUN = r"""
+import os, sys, time
+import torch
+torch.set_num_threads(1)
+import fedml_feddpd.generation.pretrain as pretrain
+from fedml_feddpd.generation import GeneratorConfig, load_or_pretrain_generator
+
+tmp, name = sys.argv[1], sys.argv[2]
+train = pretrain.train_unet
+def slow_train(*a, **k):
+    time.sleep(1.0)
+    return train(*a, **k)
+pretrain.train_unet = slow_train
+cfg = GeneratorConfig(block_out_channels=(8, 16), attention_head_dim=8, pretrain_steps=30, pretrain_batch_size=16,
+                      cache_dir=os.path.join(tmp, "cache"))
+g = torch.Generator().manual_seed(0)
+x, y = torch.rand(40, 1, 8, 8, generator=g), torch.arange(40) % 10
+open(os.path.join(tmp, name + ".ready"), "w").close()
+while not os.path.exists(os.path.join(tmp, "go")):
+    time.sleep(0.005)
+gen = load_or_pretrain_generator(cfg, x, y, seed=4, progress=False)
+torch.save({k: v.clone() for k, v in gen.unet.state_dict().items()}, os.path.join(tmp, name + ".pt"))
+print("SOURCE", gen.source, gen.path)
+"""
+
+
+def test_concurrent_runs_pretrain_an_uncached_generator_once(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT_RUN, str(tmp_path), name], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    try:
+        deadline = time.monotonic() + 45
+        while not all((tmp_path / f"{n}.ready").exists() for n in ("a", "b")):
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            assert time.monotonic() < deadline, "runs did not start"
+            time.sleep(0.01)
+        (tmp_path / "go").touch()  # both ask for the generator at the same moment
+        outs = [p.communicate(timeout=45) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    results = [next(line.split()[1:] for line in out.splitlines() if line.startswith("SOURCE")) for out, _ in outs]
+    sources = [source for source, _ in results]
+    # Exactly one pretrained; the other waited on the lock (and said why), then loaded that run's entry.
+    assert sorted(sources) == ["cache", "trained"], outs
+    waited = [("waiting for another process pretraining generator" in err) for _, err in outs]
+    assert waited == [source == "cache" for source in sources], outs
+    waiter_err = outs[sources.index("cache")][1]
+    path = results[0][1]
+    assert results[1][1] == path and f"(lock {path}.lock)" in waiter_err
+    a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert os.listdir(tmp_path / "cache") == [os.path.basename(path)]  # no lock file or temp folder left
+
+
+def test_cache_lock_is_released_when_pretraining_fails(tmp_path, monkeypatch):
+    import fedml_feddpd.generation.pretrain as pretrain
+
+    cfg = tiny_cfg(tmp_path)
+    x, y = tiny_data()
+
+    def broken(*a, **k):
+        assert glob.glob(str(tmp_path / "cache" / "*.lock"))  # held while training
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(pretrain, "train_unet", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        load_or_pretrain_generator(cfg, x, y, progress=False)
+    assert os.listdir(tmp_path / "cache") == []  # lock released and its file removed
+    monkeypatch.undo()
+    assert load_or_pretrain_generator(cfg, x, y, progress=False).source == "trained"
+    assert load_or_pretrain_generator(cfg, x, y, progress=False).source == "cache"

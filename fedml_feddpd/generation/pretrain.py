@@ -1,11 +1,13 @@
 """Pretrain the server's generator on its public split, cached on disk; or load a user's pretrained UNet."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -17,6 +19,11 @@ from diffusers import DDPMScheduler
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): no cache lock; concurrent runs may each pretrain, as before
+    fcntl = None
 
 from ..errors import ConfigError
 from .config import GeneratorConfig
@@ -131,6 +138,52 @@ def _save_cache(unet: GeneratorUNet, folder: str, meta: dict) -> None:
         raise
 
 
+@contextlib.contextmanager
+def _cache_lock(folder: str, key: str):
+    """Hold an exclusive advisory lock on `<folder>.lock` so that concurrent runs pretrain a cache entry once.
+
+    fcntl.flock, so POSIX only (without fcntl this is a no-op). The lock file is removed on release; a waiter
+    that then gets the lock on the removed file notices (its inode is no longer the path's) and locks afresh.
+    The kernel drops the lock when its holder dies, so a crashed run never blocks the next one.
+    """
+    if fcntl is None:
+        yield
+        return
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    path = folder + ".lock"
+    said = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not said:
+                    print(f"waiting for another process pretraining generator {key} (lock {path})",
+                          file=sys.stderr, flush=True)
+                    said = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                st = os.stat(path)
+                current = (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+            except FileNotFoundError:
+                current = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if current:
+            break
+        os.close(fd)  # the holder removed that file on release: lock the new one
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)  # while still locked, so nobody holds a lock on a file we then remove
+        except OSError:
+            pass
+        os.close(fd)  # releases the lock
+
+
 def train_unet(cfg: GeneratorConfig, images: torch.Tensor, labels: torch.Tensor, seed: int = 0,
                progress: bool = True) -> tuple:
     """Denoising training with label dropout and EMA; returns (EMA UNet, scheduler, last-100-step mean loss)."""
@@ -144,7 +197,9 @@ def train_unet(cfg: GeneratorConfig, images: torch.Tensor, labels: torch.Tensor,
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
     unet.train()
     losses = []
-    bar = tqdm(range(cfg.pretrain_steps), desc="pretrain generator", disable=not progress, leave=False)
+    # With total known, tqdm's bar shows steps done, elapsed time, the ETA ("<remaining") and the rate.
+    bar = tqdm(range(cfg.pretrain_steps), total=cfg.pretrain_steps, desc="pretrain generator", disable=not progress,
+               leave=False)
     for step in bar:
         idx = torch.randint(len(x_all), (cfg.pretrain_batch_size,), generator=gen)
         x0, y = x_all[idx], y_all[idx].clone()
@@ -195,22 +250,29 @@ def load_or_pretrain_generator(cfg: GeneratorConfig, images: torch.Tensor, label
     _check_data(images, labels, cfg)
     key = cache_key(cfg, images, labels, seed)
     folder = os.path.join(os.path.expanduser(cfg.cache_dir), key)
-    if os.path.isdir(folder):
-        try:
-            unet = _load_cached(folder, key, cfg)
-            logger.info("generator loaded from cache %s", folder)
-            return ServerGenerator(_frozen(unet), build_train_scheduler(cfg), "cache", folder,
-                                   time.perf_counter() - start, null_class=_null_class(unet, cfg))
-        except Exception as exc:  # any failure to load means the entry is unusable, whatever raised it
-            # Entries are written atomically, so a bad one was damaged from outside: say so and stop
-            # rather than silently spending minutes retraining (the user decides).
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise GeneratorFileError(f"generator cache {folder}: unusable ({reason}); expected an entry written by "
-                                     "feddpd; delete that folder to retrain the generator") from None
-    unet, scheduler, final = train_unet(cfg, images, labels, seed, progress)
-    meta = {"key": key, "format": CACHE_FORMAT, "seed": seed, "data_sha256": data_fingerprint(images, labels),
-            "generator_config": cfg.to_dict(), "final_loss": final, "steps": cfg.pretrain_steps}
-    _save_cache(unet, folder, meta)
-    logger.info("generator trained in %.1fs and cached at %s", time.perf_counter() - start, folder)
-    return ServerGenerator(_frozen(unet), scheduler, "trained", folder, time.perf_counter() - start, final,
-                           null_class=_null_class(unet, cfg))
+    if not os.path.isdir(folder):
+        # Concurrent runs (compare --workers, MPI ranks, silo parties) pretrain this entry once: the first to
+        # lock trains and writes it; the others wait, then find the finished entry and load it below, unlocked
+        # (entries appear whole by rename, so a present folder is complete).
+        with _cache_lock(folder, key):
+            if not os.path.isdir(folder):
+                unet, scheduler, final = train_unet(cfg, images, labels, seed, progress)
+                meta = {"key": key, "format": CACHE_FORMAT, "seed": seed,
+                        "data_sha256": data_fingerprint(images, labels), "generator_config": cfg.to_dict(),
+                        "final_loss": final, "steps": cfg.pretrain_steps}
+                _save_cache(unet, folder, meta)
+                logger.info("generator trained in %.1fs and cached at %s", time.perf_counter() - start, folder)
+                return ServerGenerator(_frozen(unet), scheduler, "trained", folder, time.perf_counter() - start,
+                                       final, null_class=_null_class(unet, cfg))
+    # Here the entry exists: it did before, or another run wrote it while this one waited for the lock.
+    try:
+        unet = _load_cached(folder, key, cfg)
+        logger.info("generator loaded from cache %s", folder)
+        return ServerGenerator(_frozen(unet), build_train_scheduler(cfg), "cache", folder,
+                               time.perf_counter() - start, null_class=_null_class(unet, cfg))
+    except Exception as exc:  # any failure to load means the entry is unusable, whatever raised it
+        # Entries are written atomically, so a bad one was damaged from outside: say so and stop
+        # rather than silently spending minutes retraining (the user decides).
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise GeneratorFileError(f"generator cache {folder}: unusable ({reason}); expected an entry written by "
+                                 "feddpd; delete that folder to retrain the generator") from None

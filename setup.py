@@ -25,8 +25,11 @@ setup(
         "scikit-learn",
         "tqdm",
         "matplotlib",
-        # gRPC cross-silo (fedml's own `grpc` extra)
+        # gRPC cross-silo (fedml's own `grpc` extra); mutual TLS certificates (`feddpd certs`) and the
+        # pickle-free wire format (fedml_feddpd/distributed/wire.py)
         "grpcio",
+        "cryptography",
+        "safetensors",
     ],
     # mpi4py's wheels load the system MPI at run time (Debian: openmpi-bin libopenmpi-dev; .ci/run installs it)
     extras_require={"test": ["pytest>=7", "pytest-timeout", "mpi4py>=4"]},

@@ -28,7 +28,7 @@ CHECKPOINT = "checkpoint.pt"
 INCOMPLETE = "INCOMPLETE"
 # Keys that change how a run is executed or where it is written, not what it computes.
 NEUTRAL_KEYS = {("run_args", "output_dir"), ("run_args", "torch_threads"), ("run_args", "generator_threads"),
-                ("run_args", "checkpoint_every")}
+                ("run_args", "checkpoint_every"), ("comm_args", "tls"), ("comm_args", "allow_insecure")}
 
 
 def _run_identity(sections: dict) -> dict:

@@ -49,6 +49,10 @@ def _add_silo_verbs(verbs) -> None:
     local.add_argument("--cf", required=True)
     local.add_argument("--out", default=None)
     local.add_argument("--no-progress", action="store_true")
+    certs = verbs.add_parser("certs", help="a CA and one TLS certificate + key per gRPC party (comm_args.tls)")
+    certs.add_argument("--out", help="folder to write ca.pem, ca.key, rank<r>.pem, rank<r>.key into")
+    certs.add_argument("--parties", help="number of parties: the server (rank 0) + client_num_per_round clients")
+    certs.add_argument("--days", default="365", help="validity in days (default 365)")
 
 
 def main(argv=None) -> int:
@@ -56,6 +60,8 @@ def main(argv=None) -> int:
 
     quiet_fedml_imports()
     args = _parser().parse_args(argv)
+    if args.verb == "certs":
+        return _certs(args)
     if args.verb in ("silo", "silo-local"):
         return _silo(args)
     if args.verb != "run":
@@ -123,6 +129,42 @@ def _silo(args) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def _certs(args) -> int:
+    """`certs --out DIR --parties N`: see fedml_feddpd/distributed/tls.py."""
+    def positive(flag, value, most):
+        if value is None:
+            raise ConfigError(f"{flag}: missing; usage: feddpd certs --out DIR --parties N")
+        if not value.isdigit() or not 1 <= int(value) <= most:
+            raise ConfigError(f"{flag}: expected an integer in 1..{most}, got {value!r}")
+        return int(value)
+
+    try:
+        parties = positive("--parties", args.parties, 100_000)
+        days = positive("--days", args.days, 36_500)
+        if not args.out:
+            raise ConfigError("--out: missing; usage: feddpd certs --out DIR --parties N")
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise ConfigError(f"--out {args.out}: exists and is not a folder")
+        taken = [n for n in ("ca.pem", "ca.key", "rank0.pem") if os.path.exists(os.path.join(args.out, n))]
+        if taken:
+            raise ConfigError(f"--out {args.out}: already holds {taken[0]}; choose an empty folder (certificates "
+                              f"from another CA would not trust each other)")
+        from .distributed.tls import make_certs
+
+        make_certs(args.out, parties, days)
+    except ConfigError as exc:
+        print(f"feddpd: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"feddpd: error: --out {args.out}: {exc.strerror}", file=sys.stderr)
+        return 2
+    out = os.path.abspath(args.out)
+    print(f"CA and {parties} certificates (CN=feddpd-rank-0..{parties - 1}) -> {out}")
+    print(f"party r: comm_args.tls: {{ca_cert: {out}/ca.pem, cert: {out}/rank<r>.pem, key: {out}/rank<r>.key}}; "
+          f"keep ca.key off the parties")
+    return 0
 
 
 def _compare_or_report(args) -> int:

@@ -87,6 +87,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "grpc_ipconfig_path": _str(""),
         # gRPC: the longest a party waits without hearing from a peer before it stops with an error
         "comm_timeout_s": _float(0.0, default=600.0, low_open=True),
+        # gRPC mutual TLS: this party's {ca_cert, cert, key} PEM paths (`feddpd certs` makes them); {} = none
+        "tls": Key(dict, {}, "a mapping of ca_cert, cert and key (PEM file paths), or {} for none"),
+        # gRPC: plaintext even when the ip config has addresses off this machine (prints a warning)
+        "allow_insecure": _bool(False),
     },
     "tracking_args": {
         "enable_tracking": _off("enable_tracking"),
@@ -222,6 +226,7 @@ def _check_across_keys(s: dict[str, dict[str, Any]]) -> None:
             f"(global imbalance is built for dataset: digits), got {data['imbalance_factor']}")
     method = methods.get(train["federated_optimizer"])
     _check_backend(s, method)
+    _check_tls(s["comm_args"])
     if method.supplement and data["dataset"] != "digits":
         raise ConfigError(f"data_args.dataset: {method.name} needs the server's public split, which only dataset: "
                           f"digits provides; got '{data['dataset']}'")
@@ -239,6 +244,29 @@ def _check_model(model: str, dataset: str) -> None:
     if dataset not in MODELS[model]:
         raise ConfigError(f"model_args.model: '{model}' does not fit dataset '{dataset}'; expected a model "
                           f"for it: {', '.join(m for m, d in MODELS.items() if dataset in d)}")
+
+
+TLS_KEYS = ("ca_cert", "cert", "key")
+
+
+def _check_tls(comm: dict[str, Any]) -> None:
+    """comm_args.tls: {} or all of ca_cert, cert and key, each an existing file."""
+    tls = comm["tls"] = dict(comm["tls"])  # the config's own copy, not the schema's default
+    if not tls:
+        return
+    for key in tls:
+        if key not in TLS_KEYS:
+            raise ConfigError(f"comm_args.tls.{key}: unknown key{_suggest(str(key), TLS_KEYS)}; allowed: "
+                              f"{', '.join(TLS_KEYS)}")
+    for key in TLS_KEYS:
+        where = f"comm_args.tls.{key}"
+        if key not in tls:
+            raise ConfigError(f"{where}: missing; comm_args.tls needs all of {', '.join(TLS_KEYS)} "
+                              f"(`python -m fedml_feddpd certs` makes them)")
+        if not isinstance(tls[key], str) or not tls[key]:
+            raise ConfigError(f"{where}: expected a file path, got {tls[key]!r}")
+        if not os.path.isfile(tls[key]):
+            raise ConfigError(f"{where}: file not found: {tls[key]}")
 
 
 def _check_backend(s: dict[str, dict[str, Any]], method: methods.Method) -> None:

@@ -45,8 +45,8 @@ def supplement_summary(supplement, num_classes: int) -> Optional[dict]:
 
 
 def pickled_size(obj) -> int:
-    """Bytes of `obj` as FedML's transports carry it (both pickle the message: mpi4py's comm.send,
-    grpc_comm_manager.py:115)."""
+    """Bytes of `obj` as FedML's MPI transport carries it (mpi4py's comm.send pickles the message; gRPC
+    counts with wire.encoded_size)."""
     return len(pickle.dumps(obj))
 
 
@@ -71,8 +71,9 @@ class ServerCore:
     supplement step, keeps each client's newest supplement until it is sent, and counts bytes.
     """
 
-    def __init__(self, party: Party, show_progress: bool):
+    def __init__(self, party: Party, show_progress: bool, size_of: Optional[Callable[[object], int]] = None):
         self.party = party
+        self.size_of = size_of or pickled_size  # bytes of a value as the backend's transport carries it
         self.round_idx = -1
         self.round_clients: list[int] = []
         self.client_seconds = self.server_seconds = 0.0
@@ -128,8 +129,8 @@ class ServerCore:
     def sent_model(self, round_idx: int, model_state, supplement=None) -> None:
         """Count one server -> client message starting `round_idx`: its model and supplement bytes."""
         c = self._comm(round_idx)
-        c["down_model_bytes"] += pickled_size(model_state)
-        c["down_supplement_bytes"] += pickled_size(supplement) if supplement is not None else 0
+        c["down_model_bytes"] += self.size_of(model_state)
+        c["down_supplement_bytes"] += self.size_of(supplement) if supplement is not None else 0
         c["messages_down"] += 1
 
     def begin_round(self, round_idx: int, clients) -> None:
@@ -138,7 +139,7 @@ class ServerCore:
 
     def received(self, round_idx: int, cid: int, model_state, report: Optional[dict]) -> None:
         c = self._comm(round_idx)
-        c["up_model_bytes"] += pickled_size(model_state)
+        c["up_model_bytes"] += self.size_of(model_state)
         c["messages_up"] += 1
         if report is not None:
             self.reports.setdefault(round_idx, {})[int(cid)] = report

@@ -19,6 +19,7 @@ from ..errors import PartyError
 from ..outputs import default_out_dir, write_outputs
 from .common import open_party
 from .ipconfig import check_party, generate_ipconfig, read_ipconfig
+from .tls import transport_security
 
 
 
@@ -41,7 +42,9 @@ def run_silo_party(cfg, role: str, rank: int, out_dir=None, ipconfig: Optional[s
     clients = cfg["client_num_per_round"]
     check_party(role, rank, clients)
     path = resolve_ipconfig(cfg, ipconfig)
-    extra = {"grpc_ipconfig_path": path, "worker_num": clients, "comm": None,
+    # mutual TLS (comm_args.tls), or plaintext where allowed; a one-line ConfigError before FedML starts
+    tls = transport_security(cfg, read_ipconfig(path, clients + 1), rank, path)
+    extra = {"grpc_ipconfig_path": path, "worker_num": clients, "comm": None, "feddpd_tls": tls,
              # send_init_msg would describe the model to MLOps (fedml_server_manager.py:75-76)
              "skip_log_model_net": True}
     if args is not None:

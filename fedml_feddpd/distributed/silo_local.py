@@ -1,5 +1,9 @@
 """`feddpd silo-local`: a gRPC cross-silo run with the server and one process per client on this
-machine; each party is `python -m fedml_feddpd silo ...`, and no party outlives the launcher."""
+machine; each party is `python -m fedml_feddpd silo ...`, and no party outlives the launcher.
+
+The parties talk over mutual TLS: with throwaway certificates made in the work folder when the config
+names none, or with the certificates of a `feddpd certs` folder (comm_args.tls.cert is its rank<r>.pem);
+plaintext only with comm_args.allow_insecure: true."""
 from __future__ import annotations
 
 import json
@@ -12,10 +16,37 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..errors import PartyError, PartyTimeout
+from ..errors import ConfigError, PartyError, PartyTimeout
 from ..outputs import default_out_dir
 from ..processes import die_with_parent
 from .ipconfig import STARTUP_GRACE_S, generate_ipconfig, read_ipconfig
+from .tls import cert_files, make_certs
+
+
+def _party_configs(cfg, work: Path, parties: int) -> dict[int, Path]:
+    """Each rank's config file: the run's config with that rank's comm_args.tls."""
+    tls = cfg["tls"]
+    if tls:  # a `feddpd certs` folder: each party takes its own rank<r>.pem / rank<r>.key
+        folder = Path(tls["cert"]).parent
+        files = {r: {**cert_files(folder, r), "ca_cert": tls["ca_cert"]} for r in range(parties)}
+        missing = [p for f in files.values() for p in (f["cert"], f["key"]) if not os.path.isfile(p)]
+        if missing:
+            raise ConfigError(f"comm_args.tls.cert: silo-local runs every rank here and needs one certificate per "
+                              f"rank next to {tls['cert']} (a `feddpd certs` folder); missing {missing[0]} "
+                              f"(or leave comm_args.tls out for throwaway certificates)")
+    elif cfg["allow_insecure"]:
+        print("feddpd: warning: comm_args.allow_insecure: the parties talk in plaintext", file=sys.stderr, flush=True)
+        files = {r: {} for r in range(parties)}
+    else:
+        make_certs(work / "certs", parties, days=7)
+        files = {r: cert_files(work / "certs", r) for r in range(parties)}
+    out = {}
+    for rank, tls_r in files.items():
+        sections = json.loads(json.dumps(cfg.sections))
+        sections["comm_args"]["tls"] = tls_r
+        out[rank] = work / f"config_rank{rank}.yaml"
+        out[rank].write_text(type(cfg)(sections, cfg.source).to_yaml())
+    return out
 
 
 def _wait_listening(host: str, port: int, proc: subprocess.Popen, timeout_s: float) -> None:
@@ -53,8 +84,11 @@ def run_silo_local(cfg, out_dir=None, show_progress: bool = True) -> dict:
     else:
         csv_path = str(generate_ipconfig(work, clients + 1))
         table = read_ipconfig(csv_path, clients + 1)
-    cf = work / "config.yaml"
-    cf.write_text(cfg.to_yaml())
+    try:
+        configs = _party_configs(cfg, work, clients + 1)
+    except ConfigError:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     timeout_s = cfg["comm_timeout_s"]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
@@ -63,8 +97,8 @@ def run_silo_local(cfg, out_dir=None, show_progress: bool = True) -> dict:
     logs: dict[int, Path] = {}
 
     def start(rank: int, role: str) -> None:
-        cmd = [sys.executable, "-m", "fedml_feddpd", "silo", "--role", role, "--rank", str(rank), "--cf", str(cf),
-               "--ipconfig", csv_path]
+        cmd = [sys.executable, "-m", "fedml_feddpd", "silo", "--role", role, "--rank", str(rank),
+               "--cf", str(configs[rank]), "--ipconfig", csv_path]
         if role == "server":
             cmd += ["--out", str(out)]
         if role != "server" or not show_progress:

@@ -18,6 +18,7 @@ from fedml.cross_silo.server.message_define import MyMessage
 
 from .common import KEY_TRAINED_ON, ServerCore
 from .silo_transport import _WatchfulMixin
+from .wire import encoded_size
 
 class FedDPDServerAggregator(ServerAggregator):
     """The FedML ServerAggregator of every method: FedML-sp averaging and the FedDPD server step
@@ -126,7 +127,7 @@ def run_server(party, clients: int, show_progress: bool) -> dict:
     """Rank 0 to the end of the run: the result dict (execute's, plus communication bytes)."""
     args = party.args
     [train_num, _, train_global, test_global, local_num, local_train, local_test, _] = party.data.fedml_dataset
-    core = ServerCore(party, show_progress)
+    core = ServerCore(party, show_progress, size_of=encoded_size)
     holder = {}
     server_aggregator = FedDPDServerAggregator(party.model, args, core, next_clients=lambda: holder["agg"].next_clients())
     server_aggregator.set_id(0)
@@ -136,6 +137,9 @@ def run_server(party, clients: int, show_progress: bool) -> dict:
     manager = FedDPDSiloServerManager(args, aggregator, None, 0, clients, "GRPC", core)
     core.loop = manager.run
     try:
-        return core.result("GRPC")
+        result = core.result("GRPC")
+        # what the transport refused (silo_transport.py): one line each, naming the caller's address
+        result["messages_dropped"] = list(manager.com_manager.dropped)
+        return result
     finally:
         manager.com_manager.stop_receive_message()  # gRPC threads would keep a failed party alive

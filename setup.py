@@ -23,6 +23,8 @@ setup(
         "transformers",
         "pyyaml",
         "scikit-learn",
+        # paired statistics in compare/report (fedml_feddpd/stats.py)
+        "scipy",
         "tqdm",
         "matplotlib",
         # gRPC cross-silo (fedml's own `grpc` extra); mutual TLS certificates (`feddpd certs`) and the

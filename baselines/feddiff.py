@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedml_feddpd.algorithm import client_budget, largest_remainder
-from fedml_feddpd.supplement import SupplementPolicy
+from fedml_feddpd.supplement import Supplement, SupplementPolicy
 
 
 class FedDiffPolicy(SupplementPolicy):
@@ -12,6 +12,9 @@ class FedDiffPolicy(SupplementPolicy):
     Generated once, at the first supplement round. Its size is the mean of the clients' FedDPD budgets
     `round(supplement_ratio * n_k)` that round, so a client receives as much synthetic data on average
     as under FedDPD. Uses no client information beyond FedAvg's sample counts.
+
+    The shared set is the policy's state (`state_dict`): checkpoints hold it, so a resumed run reuses the
+    set of the first supplement round instead of drawing a new one with a later round's seed.
     """
 
     def __init__(self, *args, **kwargs):
@@ -27,3 +30,15 @@ class FedDiffPolicy(SupplementPolicy):
                 x, y = generator.sample(counts, seed=int(np.random.default_rng([self.seed, round_idx]).integers(2**31)))
             self.shared = self._supplement(x, y, size, counts)
         return {up.client_id: self.shared for up in uploads}
+
+    def state_dict(self) -> dict:
+        """{"shared": (images, labels, stats)} of the shared set, or {"shared": None} before it exists."""
+        s = self.shared
+        return {"shared": None if s is None else (s.images, s.labels, s.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:  # a checkpoint from before policies saved their state: the set cannot be rebuilt
+            raise ValueError("predates FedDiff's saved shared set")
+        if set(state) != {"shared"}:
+            raise ValueError(f"holds FedDiffPolicy state {sorted(state)}, expected ['shared']")
+        self.shared = None if state["shared"] is None else Supplement(*state["shared"])

@@ -2,7 +2,8 @@
 
 A checkpoint holds everything the rest of the run depends on: the global model, the round index, the
 metrics recorded so far, the supplements each client holds, the shuffling state of every client's
-loader, the torch / numpy / python RNG states and the generator's LoRA adapters. It is written to a
+loader, the torch / numpy / python RNG states, the generator's LoRA adapters and the supplement policy's
+own state (SupplementPolicy.state_dict: FedDiff's shared set). It is written to a
 temporary file and renamed over `checkpoint.pt`, so a kill at any moment leaves the previous complete
 checkpoint. While a run is unfinished its folder holds `checkpoint.pt` and an `INCOMPLETE` note and no
 `metrics.json`; on success the finished folder replaces it (runner.write_outputs).
@@ -23,6 +24,11 @@ import torch
 from . import methods
 from .errors import CheckpointError
 
+# FORMAT stays 1 when a key is added that readers can default: the policy state ("policy" under "server_step")
+# came later, and a checkpoint without it restores as the empty state, which stateless policies (FedDPD,
+# Balance, Balance@B, Oracle) accept, so their older checkpoints still resume bit for bit. A policy with
+# state refuses it in one line (FedDiff: "predates FedDiff's saved shared set"). Bumping FORMAT would have
+# refused every older checkpoint, resumable ones included. Bump it when a key changes meaning.
 FORMAT = 1
 CHECKPOINT = "checkpoint.pt"
 INCOMPLETE = "INCOMPLETE"
@@ -132,6 +138,7 @@ class Checkpointer:
                 "log": step.log,
                 "delivered": {cid: (s.images, s.labels, s.stats) for cid, s in step.delivered.items()},
                 "adapters": step.generator.adapter_states() if step.generator is not None else {},
+                "policy": step.policy.state_dict(),
             }
         self.directory.mkdir(parents=True, exist_ok=True)
         marker = self.directory / INCOMPLETE
@@ -155,6 +162,10 @@ class Checkpointer:
             step.log.update(saved["log"])
             if step.generator is not None:
                 step.generator.load_adapter_states(saved["adapters"])
+            try:  # {}: a checkpoint written before policies saved their state (see FORMAT)
+                step.policy.load_state_dict(saved.get("policy", {}))
+            except ValueError as exc:
+                raise CheckpointError(f"checkpoint {self.path} {exc}; delete it to start over") from None
             for cid, (images, labels, stats) in saved["delivered"].items():
                 step.deliver_supplement(cid, Supplement(images, labels, stats))
         for cid, rng_state in state["loader_rng"].items():

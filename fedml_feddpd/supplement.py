@@ -125,6 +125,20 @@ class SupplementPolicy:
                           scorer: Scorer, generator: GeneratorService, timer: "StageTimer") -> dict[int, Supplement]:
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        """The policy's own state that later rounds depend on (checkpoint.py saves it every round and gives it
+        back to `load_state_dict` on resume). A policy that builds every round's supplements afresh from the
+        round's inputs and its seed has none: `{}`. A policy with state returns a non-empty dict even before
+        its first supplement round (FedDiff: `{"shared": None}`), so a checkpoint without it is detectable."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned. A checkpoint written before policies saved their state gives
+        `{}`, which a stateless policy accepts. A state the policy cannot take (here: any non-empty one) is a
+        one-line ValueError whose message completes "checkpoint <path> ..." (checkpoint.py adds that)."""
+        if state:
+            raise ValueError(f"holds {type(self).__name__} state {sorted(state)}, but that policy keeps none")
+
     def _supplement(self, x, y, budget, counts) -> Supplement:
         return Supplement(x, y, {"budget": int(budget), "size": int(len(y)),
                                  "allocation": None if counts is None else [int(c) for c in counts],

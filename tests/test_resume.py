@@ -1,6 +1,8 @@
 """A run killed with SIGKILL mid-run resumes from its checkpoint to the same metrics as an uninterrupted
-run; unusable checkpoints stop `--resume` with one line and exit 2, leaving the folder as it was."""
+run, for every supplement method; unusable checkpoints stop `--resume` with one line and exit 2, leaving
+the folder as it was."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +73,88 @@ def test_sigkill_mid_run_resumes_to_identical_metrics(tmp_path):
     # supplements were delivered both before and after the kill
     supplied = [r["round"] for r in resumed["rounds"] if r.get("server_step", {}).get("supplements")]
     assert supplied == [0, 2] and killed_at in (1, 2)
+
+
+# The other supplement methods: supplements after rounds 0 and 1 of 3, and the run is killed right after
+# round 0's checkpoint, so a supplement is made before the kill and another after the resume. A tiny
+# generator (shared by the methods, pretrained once) keeps Balance's flattening budgets cheap.
+SUPPLEMENT_ROUNDS, KILL_AFTER = 3, 0
+# The child is SIGKILLed by itself right after the checkpoint of round KILL_AFTER is on disk: the same kill
+# as above, but at a known round, so a supplement is certain to come after it.
+KILLED_RUN = """
+import os, signal, sys
+from fedml_feddpd import checkpoint, cli
+save = checkpoint.Checkpointer.save
+def save_then_die(self, round_idx):
+    save(self, round_idx)
+    if round_idx == int(os.environ["FEDDPD_TEST_KILL_AFTER"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.Checkpointer.save = save_then_die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_generator_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("gen")
+
+
+@pytest.mark.parametrize("method", ["FedDiff", "Balance", "Balance@B", "Oracle"])
+def test_every_supplement_method_resumes_to_identical_metrics(method, tmp_path, tiny_generator_cache, capsys):
+    from fedml_feddpd.cli import main
+    from fedml_feddpd.config import validate
+    from fedml_feddpd.runner import run
+
+    raw = shrink(yaml.safe_load(open(os.path.join(ROOT, "configs", "digits_feddpd.yaml"))))
+    raw["train_args"].update(comm_round=SUPPLEMENT_ROUNDS, federated_optimizer=method)
+    raw["data_args"]["oracle_fraction"] = 0.1  # Oracle's held-out real data (the same split for every method)
+    raw["feddpd"].update(warmup_rounds=0, supplement_every=1)
+    raw["generator"].update(pretrain_steps=10, sample_steps=2, guidance_scale=1.0, block_out_channels=[8, 16],
+                            norm_num_groups=4, attention_head_dim=8, cache_dir=str(tiny_generator_cache))
+    raw["run_args"].update(baseline="none", generator_threads=1)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    reference = run(validate(raw, str(path)), tmp_path / "ref", show_progress=False)
+
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, "run", "--cf", str(path), "--out", str(out),
+                           "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "FEDDPD_TEST_KILL_AFTER": str(KILL_AFTER)}, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {proc.stderr[-2000:]}"
+    assert _checkpoint_round(out / "checkpoint.pt") == KILL_AFTER
+    assert sorted(os.listdir(out)) == ["INCOMPLETE", "checkpoint.pt"]
+    # the same checkpoint as written before policies saved their state (FORMAT 1 without the key)
+    legacy = tmp_path / "legacy"
+    shutil.copytree(out, legacy)
+    state = torch.load(legacy / "checkpoint.pt", map_location="cpu", weights_only=False)
+    policy_state = state["server_step"].pop("policy")
+    if method == "FedDiff":  # its shared set: what every client holds
+        images, labels, _ = policy_state["shared"]
+        assert all(torch.equal(images, x) and torch.equal(labels, y)
+                   for x, y, _ in state["server_step"]["delivered"].values())
+    else:
+        assert policy_state == {}
+    torch.save(state, legacy / "checkpoint.pt")
+
+    assert main(["run", "--cf", str(path), "--out", str(out), "--resume", "--no-progress"]) == 0
+    resumed = run(validate(raw, str(path)), out, show_progress=False, resume=True)  # finished: read back
+    assert resumed["resumed_from_round"] == KILL_AFTER
+    assert _strip(resumed["rounds"]) == _strip(reference["rounds"])
+    assert resumed["final"] == reference["final"]
+    supplied = [r["round"] for r in resumed["rounds"] if r.get("server_step", {}).get("supplements")]
+    assert supplied == [0, 1]  # one supplement before the kill, one after the resume
+
+    capsys.readouterr()
+    if method == "FedDiff":  # its shared set cannot be rebuilt: refused in one line, the folder as it was
+        assert main(["run", "--cf", str(path), "--out", str(legacy), "--resume", "--no-progress"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"feddpd: error: checkpoint {legacy / 'checkpoint.pt'} predates FedDiff's saved shared set; "
+            "delete it to start over")
+        assert sorted(os.listdir(legacy)) == ["INCOMPLETE", "checkpoint.pt"]
+    elif method == "Oracle":  # a stateless policy resumes an older checkpoint bit for bit
+        assert main(["run", "--cf", str(path), "--out", str(legacy), "--resume", "--no-progress"]) == 0
+        again = run(validate(raw, str(path)), legacy, show_progress=False, resume=True)
+        assert _strip(again["rounds"]) == _strip(reference["rounds"])
 
 
 @pytest.fixture

@@ -109,7 +109,8 @@ def write_report(out: Path, results: dict) -> None:
     best = {}
     for s in settings:
         per = results["settings"][s]
-        lines += [f"## {s}", "", "| method | " + " | ".join(labels[k] for k, _ in METRICS) + " |",
+        lines += [f"## {s}", ""] + summary_table(s, per, methods, results["references"].get(s, {})) + [
+            "", "All metrics:", "", "| method | " + " | ".join(labels[k] for k, _ in METRICS) + " |",
                   "|" + "---|" * (len(METRICS) + 1)]
         for key, _ in METRICS:
             cands = [m for m in methods if _deployable(per[m]) and per[m][key].get("mean") is not None]
@@ -170,6 +171,39 @@ def _best_sentences(s: str, per: dict, methods: list, best: dict, refs: dict, la
             text += f". Higher but crossing the boundary (†): {', '.join(higher)}"
         out.append(text + ".")
     return out
+
+
+def summary_table(s: str, per: dict, methods: list, refs: dict) -> list[str]:
+    """The headline table of a setting (the README shows it): final top-1, balanced and tail accuracy,
+    and the paired top-1 difference to each reference with its 95% CI (* when the CI excludes 0)."""
+    roles = [r for r in REFERENCES if refs.get(r)]
+    head = ["method", "top-1 (LT test)", "balanced", "tail"] + [f"top-1 − {refs[r]}" for r in roles] + ["server s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        e = per[m]
+        if not e["seeds"]:
+            continue
+        cells = [_short(e[k]) for k in ("top1", "balanced_accuracy", "tail")]
+        for role in roles:
+            p = ((e.get("paired") or {}).get(role) or {}).get("metrics", {}).get("top1")
+            if refs[role] == m or not p or p["n"] == 0:
+                cells.append("—")
+            elif p["ci95_low"] is None:
+                cells.append(f"{_pp(p['mean_diff'])} (n={p['n']})")
+            else:
+                star = " *" if p["distinguishable"] else ""
+                cells.append(f"{_pp(p['mean_diff'])} [{_pp(p['ci95_low'])}, {_pp(p['ci95_high'])}]{star}")
+        cells.append("?" if e.get("server_seconds_total") is None else f"{e['server_seconds_total']:.0f}")
+        lines.append(f"| {m}{' †' if _crosses_boundary(e) else ''} | " + " | ".join(cells) + " |")
+    return lines + ["", f"{s}: mean ± sample std over seeds {', '.join(map(str, next(per[m]['seeds'] for m in methods if per[m]['seeds'])))}"
+                    "; differences are paired per seed, in points, with 95% t CIs; * marks a CI that excludes 0 "
+                    "(the others the data cannot tell apart); † crosses FedAvg's privacy boundary."]
+
+
+def _short(e: dict) -> str:
+    if e.get("mean") is None:
+        return "n/a"
+    return _pct(e["mean"]) if e.get("std") is None else f"{_pct(e['mean'])} ± {_pct(e['std'])}"
 
 
 def _paired_section(s: str, per: dict, methods: list, refs: dict, labels: dict) -> list[str]:

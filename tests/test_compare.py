@@ -144,7 +144,12 @@ def test_report_statistics_on_fake_runs(fake_compare):
     out, suite = fake_compare
     write_results(out, suite)
     report = (out / "report.md").read_text()
-    rows = _table_rows(report, "## IF=10")
+    # the headline table: final top-1 ± sample std and the paired top-1 difference to FedAvg (d = 0.10, 0.12,
+    # 0.11: +11.0, half-width t_{0.975,2} * 0.01 / sqrt 3 = 2.5 points), * as its CI excludes 0
+    summary = _table_rows(report, "## IF=10")
+    assert summary["FedDPD"].startswith("| FedDPD | 86.0 ± 4.0 | ") and "+11.0 [+8.5, +13.5] *" in summary["FedDPD"]
+    assert summary["FedAvg"].split(" | ")[4] == "—"  # no self-comparison
+    rows = _table_rows(report, "All metrics:")
     # bold: the best method within the boundary (FedDPD), never Balance † or Oracle †, which score higher
     assert "**" not in rows["Balance †"] and "**" not in rows["Oracle †"] and "**" not in rows["FedAvg"]
     # every column's best deployable is FedDPD; 86.0 ± 4.0: the sample std (ddof 1) of 0.90, 0.82, 0.86

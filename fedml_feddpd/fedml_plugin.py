@@ -102,11 +102,11 @@ def _create_model(original):
 
 
 def _federated_data(args, dataset):
-    from .data import FederatedData
+    from .data import from_fedml
 
     if isinstance(dataset, FedMLDataset):
         return dataset.federated
-    return FederatedData(list(dataset), dataset[7], test_batches=dataset[3], train_batches=dataset[2])
+    return from_fedml(dataset, dataset[7])
 
 
 class PluginSimulation:

@@ -78,8 +78,13 @@ def load_federated_data(args) -> FederatedData:
     from .fedml_datasets import load_fedml_dataset
 
     dataset, class_num = load_fedml_dataset(args)
-    return FederatedData(dataset, class_num, test_batches=dataset[3], train_batches=dataset[2])
+    return from_fedml(dataset, class_num)
 
 
-__all__ = ["FederatedData", "Splits", "load_federated_data", "build_digits", "dirichlet_partition",
+def from_fedml(dataset, class_num: int) -> FederatedData:
+    """A run's data from FedML's 8-tuple alone (FedML's own datasets: no public split, no hold-outs)."""
+    return FederatedData(list(dataset), class_num, test_batches=dataset[3], train_batches=dataset[2])
+
+
+__all__ = ["FederatedData", "Splits", "from_fedml", "load_federated_data", "build_digits", "dirichlet_partition",
            "homogeneous_partition", "imbalanced_class_sizes", "label_histograms", "split_public_train_test"]

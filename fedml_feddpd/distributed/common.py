@@ -17,8 +17,7 @@ from typing import Callable, Optional
 from ..errors import PartyError
 from ..experiment import Experiment, Party, RoundRecorder, execute, open_party, server_step
 
-__all__ = ["ClientCore", "KEY_SUPPLEMENT", "KEY_TRAINED_ON", "Party", "PartyError", "ServerCore", "open_party",
-           "timed"]
+__all__ = ["ClientCore", "KEY_SUPPLEMENT", "KEY_TRAINED_ON", "Party", "PartyError", "ServerCore", "open_party"]
 
 # Extra message keys our manager subclasses add to FedML's messages.
 KEY_SUPPLEMENT = "feddpd_supplement"      # server -> client: the client's new supplement (or absent)
@@ -191,6 +190,7 @@ class ClientCore:
 
         self.party = party
         args = party.args
+        self.last_seconds = 0.0  # the latest train() call's seconds (timed)
         self.loaders = party.data.fedml_dataset[5]  # the dict FedML's trainers read, replaced in place
         # sp reads every client's real tensors once before round 0 (SupplementDelivery): the clients here
         # do the same, so that both stay on the same shuffle stream.
@@ -201,19 +201,22 @@ class ClientCore:
     def deliver(self, cid: int, supplement) -> None:
         self.delivery(cid, supplement)
 
-    def report(self, cid: int, seconds: float) -> dict:
+    def timed(self, train, announce=None):
+        """Wrap a FedML trainer's `train(...)`: its seconds go into this client's next report (and to
+        `announce(seconds)` when given)."""
+
+        def timed_train(*a, **k):
+            start = time.perf_counter()
+            out = train(*a, **k)
+            self.last_seconds = time.perf_counter() - start
+            if announce is not None:
+                announce(self.last_seconds)
+            return out
+
+        return timed_train
+
+    def report(self, cid: int) -> dict:
+        """What client `cid` trained on in the round it just trained, and for how long."""
         holding = self.delivery.holding.get(int(cid)) if self.delivery else None
-        return {"client": int(cid), "seconds": seconds,
+        return {"client": int(cid), "seconds": self.last_seconds,
                 "supplement": supplement_summary(holding, self.party.data.class_num)}
-
-
-def timed(train, on_done):
-    """Wrap a FedML trainer's `train(round_idx)`, handing its seconds to `on_done`."""
-
-    def timed_train(*a, **k):
-        start = time.perf_counter()
-        out = train(*a, **k)
-        on_done(time.perf_counter() - start)
-        return out
-
-    return timed_train

@@ -32,7 +32,7 @@ from fedml.simulation.mpi.fedavg.message_define import MyMessage
 
 from ..errors import PartyError
 from ..outputs import default_out_dir, write_outputs
-from .common import KEY_SUPPLEMENT, KEY_TRAINED_ON, ClientCore, ServerCore, open_party, timed
+from .common import KEY_SUPPLEMENT, KEY_TRAINED_ON, ClientCore, ServerCore, open_party
 
 MPI_WORLD_ENV = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK",
                  "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK", "MPI_LOCALRANKID",
@@ -122,12 +122,8 @@ class FedDPDMPIServerManager(_BlockingMpiMixin, FedAVGServerManager):
 class FedDPDMPIClientManager(_BlockingMpiMixin, FedAVGClientManager):
     def __init__(self, args, trainer, comm, rank, size, backend, core: ClientCore):
         self.core = core
-        self.last_seconds = 0.0
         super().__init__(args, trainer, comm, rank, size, backend)
-        trainer.train = timed(trainer.train, self._trained)
-
-    def _trained(self, seconds):
-        self.last_seconds = seconds
+        trainer.train = core.timed(trainer.train)
 
     def _take_supplement(self, msg_params):
         sup = msg_params.get(KEY_SUPPLEMENT)
@@ -151,7 +147,7 @@ class FedDPDMPIClientManager(_BlockingMpiMixin, FedAVGClientManager):
     def send_message(self, message):
         # The upload (FedAvgClientManager.py:63-71) also says what this client trained on and for how long.
         if message.get_type() == MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER:
-            message.add_params(KEY_TRAINED_ON, self.core.report(self.trainer.client_index, self.last_seconds))
+            message.add_params(KEY_TRAINED_ON, self.core.report(self.trainer.client_index))
         super().send_message(message)
 
 

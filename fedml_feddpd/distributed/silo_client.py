@@ -11,7 +11,7 @@ from fedml.cross_silo.client.fedml_client_master_manager import ClientMasterMana
 from fedml.cross_silo.client.fedml_trainer_dist_adapter import TrainerDistAdapter
 from fedml.cross_silo.server.message_define import MyMessage
 
-from .common import KEY_TRAINED_ON, ClientCore, timed
+from .common import KEY_TRAINED_ON, ClientCore
 from .silo_transport import _WatchfulMixin
 
 def client_trainer(model, args, core: ClientCore):
@@ -45,15 +45,13 @@ def client_trainer(model, args, core: ClientCore):
 class FedDPDSiloClientManager(_WatchfulMixin, ClientMasterManager):
     def __init__(self, args, trainer_dist_adapter, comm, rank, size, backend, core: ClientCore):
         self.core = core
-        self.last_seconds = 0.0
         super().__init__(args, trainer_dist_adapter, comm, rank, size, backend)
-        trainer_dist_adapter.train = timed(trainer_dist_adapter.train, self._trained)
+        trainer_dist_adapter.train = core.timed(trainer_dist_adapter.train, self._announce)
 
     def _peers(self):
         return [0]
 
-    def _trained(self, seconds):
-        self.last_seconds = seconds
+    def _announce(self, seconds):
         print(f"client rank {self.rank}: trained round {self.round_idx} "
               f"(client {self.trainer_dist_adapter.trainer.client_index}, {seconds:.2f} s)", flush=True)
 
@@ -61,7 +59,7 @@ class FedDPDSiloClientManager(_WatchfulMixin, ClientMasterManager):
         # The upload (fedml_client_master_manager.py:167-179) also says what this client trained on.
         if message.get_type() == MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER:
             cid = self.trainer_dist_adapter.trainer.client_index
-            message.add_params(KEY_TRAINED_ON, self.core.report(cid, self.last_seconds))
+            message.add_params(KEY_TRAINED_ON, self.core.report(cid))
         super().send_message(message)
 
 

@@ -12,6 +12,8 @@ from fedml.ml.trainer.my_model_trainer_classification import ModelTrainerCLS
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
+from fedml_feddpd.trainer import client_optimizer, tensors_of
+
 # A class the client does not hold counts as this many samples (the official code's convention,
 # label_distrib[c] = max(1e-8, n_c)): its logit drops by tau * 1e-8 ** -0.25 = 100 * tau, which all but
 # removes it from the client's softmax. Finite, so the loss stays finite for any tau.
@@ -24,22 +26,12 @@ def local_labels(train_data) -> torch.Tensor:
     dataset = getattr(train_data, "dataset", None)
     if isinstance(dataset, TensorDataset):
         return dataset.tensors[1].long().flatten()
-    from fedml_feddpd.trainer import tensors_of
-
     return tensors_of(train_data)[1].long().flatten()
 
 
 def label_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """n_c for c < num_classes (float)."""
     return torch.bincount(labels, minlength=num_classes)[:num_classes].float()
-
-
-def optimizer_of(model: torch.nn.Module, args):
-    """FedML's choice (ModelTrainerCLS.train, ml/trainer/my_model_trainer_classification.py:27-39)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if args.client_optimizer == "sgd":
-        return torch.optim.SGD(params, lr=args.learning_rate)
-    return torch.optim.Adam(params, lr=args.learning_rate, weight_decay=args.weight_decay, amsgrad=True)
 
 
 def calibrated_logits(logits: torch.Tensor, counts: torch.Tensor, tau: float) -> torch.Tensor:
@@ -66,7 +58,7 @@ class LabelSkewTrainer(ModelTrainerCLS):
         model.to(device)
         model.train()
         labels_here, counts = local_labels(train_data), None  # local variables: never leave this call
-        optimizer = optimizer_of(model, args)
+        optimizer = client_optimizer(model, args)
         for _ in range(args.epochs):
             for batch in train_data:
                 x, labels = batch[0].to(device), batch[1].to(device).long()

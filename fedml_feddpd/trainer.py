@@ -11,6 +11,15 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 
+def client_optimizer(model: torch.nn.Module, args):
+    """FedML's choice of client optimizer (ModelTrainerCLS.train, ml/trainer/my_model_trainer_classification.py:27-39):
+    SGD, or Adam with amsgrad; every client trainer of ours uses it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.client_optimizer == "sgd":
+        return torch.optim.SGD(params, lr=args.learning_rate)
+    return torch.optim.Adam(params, lr=args.learning_rate, weight_decay=args.weight_decay, amsgrad=True)
+
+
 class SupplementedTrainer(ModelTrainerCLS):
     """`ModelTrainerCLS.train` (ml/trainer/my_model_trainer_classification.py:21) with a per-sample
     loss weight; FedML's loop only unpacks (x, y). Optimizer choice is FedML's."""
@@ -18,11 +27,7 @@ class SupplementedTrainer(ModelTrainerCLS):
     def train(self, train_data, device, args):
         model = self.model.to(device)
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        if args.client_optimizer == "sgd":
-            optimizer = torch.optim.SGD(params, lr=args.learning_rate)
-        else:
-            optimizer = torch.optim.Adam(params, lr=args.learning_rate, weight_decay=args.weight_decay, amsgrad=True)
+        optimizer = client_optimizer(model, args)
         for _ in range(args.epochs):
             for batch in train_data:
                 x, y = batch[0].to(device), batch[1].to(device).long()

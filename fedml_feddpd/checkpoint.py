@@ -34,7 +34,10 @@ CHECKPOINT = "checkpoint.pt"
 INCOMPLETE = "INCOMPLETE"
 # Keys that change how a run is executed or where it is written, not what it computes.
 NEUTRAL_KEYS = {("run_args", "output_dir"), ("run_args", "torch_threads"), ("run_args", "generator_threads"),
-                ("run_args", "checkpoint_every"), ("comm_args", "tls"), ("comm_args", "allow_insecure")}
+                ("run_args", "checkpoint_every"), ("comm_args", "tls"), ("comm_args", "allow_insecure"),
+                # they act only when a gRPC client drops out (gRPC does not resume); with every client answering,
+                # as on sp and MPI, the numbers do not depend on them
+                ("comm_args", "round_timeout_s"), ("train_args", "min_clients_per_round")}
 
 
 def _run_identity(sections: dict) -> dict:

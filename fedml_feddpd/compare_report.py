@@ -195,7 +195,10 @@ def summary_table(s: str, per: dict, methods: list, refs: dict) -> list[str]:
                 cells.append(f"{_pp(p['mean_diff'])} [{_pp(p['ci95_low'])}, {_pp(p['ci95_high'])}]{star}")
         cells.append("?" if e.get("server_seconds_total") is None else f"{e['server_seconds_total']:.0f}")
         lines.append(f"| {m}{' †' if _crosses_boundary(e) else ''} | " + " | ".join(cells) + " |")
-    return lines + ["", f"{s}: mean ± sample std over seeds {', '.join(map(str, next(per[m]['seeds'] for m in methods if per[m]['seeds'])))}"
+    seeds = next((per[m]["seeds"] for m in methods if per[m]["seeds"]), None)
+    if seeds is None:
+        return lines + ["", f"{s}: no finished runs yet"]
+    return lines + ["", f"{s}: mean ± sample std over seeds {', '.join(map(str, seeds))}"
                     "; differences are paired per seed, in points, with 95% t CIs; * marks a CI that excludes 0 "
                     "(the others the data cannot tell apart); † crosses FedAvg's privacy boundary."]
 

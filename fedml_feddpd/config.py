@@ -19,7 +19,8 @@ from . import methods
 from .algorithm.discrepancy import DISCREPANCIES
 from .algorithm.settings import FedDPDSettings
 from .errors import ConfigError
-from .models import MODELS
+from .datasets import DATASETS as CATALOG
+from .datasets import check_data_args
 from .schema import REQUIRED, Key, validate_value
 from .schema import bool_key as _bool
 from .schema import choice_key as _choice
@@ -28,8 +29,7 @@ from .schema import int_key as _int
 from .schema import off_key as _off
 from .schema import str_key as _str
 
-FEDML_DATASETS = ("mnist", "femnist", "cifar10")
-DATASETS = ("digits",) + FEDML_DATASETS
+DATASETS = tuple(CATALOG)
 BACKENDS = ("sp", "MPI", "GRPC")  # FedML's sp and MPI simulation, gRPC cross-silo (fedml_feddpd/distributed/)
 TRAINING_TYPES = ("simulation", "cross_silo")
 
@@ -47,12 +47,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "data_args": {
         "dataset": _choice(DATASETS),
         "data_cache_dir": _str("~/fedml_data"),
-        "partition_method": _choice(("hetero", "homo"), "hetero"),
+        "partition_method": _choice(("hetero", "homo", "natural"), "hetero"),
         "partition_alpha": _float(0.0, default=0.5, low_open=True),
         "imbalance_factor": _float(1.0, default=1.0),
         "public_fraction": _float(0.0, 1.0, default=0.2, low_open=True, high_open=True),
         "test_fraction": _float(0.0, 1.0, default=0.3, low_open=True, high_open=True),
         "min_client_size": _int(1, 10),
+        # draws the server's public split (and the max_per_class subsample) apart from the run seed, so the
+        # generator pretrained on it is cached once for every seed
+        "public_seed": _int(0, 0),
+        "max_per_class": _int(0, 0),  # use at most this many images of each class (0 = all), drawn by public_seed
         "validation_fraction": _float(0.0, 1.0, default=0.0, high_open=True),
         "oracle_fraction": _float(0.0, 1.0, default=0.0, high_open=True),
     },
@@ -72,6 +76,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "client_optimizer": _choice(("sgd", "adam"), "sgd"),
         "learning_rate": _float(0.0, default=REQUIRED, low_open=True),
         "weight_decay": _float(0.0, default=0.0),
+        "min_clients_per_round": _int(1, 1),  # gRPC with round_timeout_s: fewer answers stop the run
         # + each registered method's own keys (methods.all_options(), e.g. FedProx's fedprox_mu)
     },
     "validation_args": {"frequency_of_the_test": _int(1, 1)},
@@ -87,6 +92,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "grpc_ipconfig_path": _str(""),
         # gRPC: the longest a party waits without hearing from a peer before it stops with an error
         "comm_timeout_s": _float(0.0, default=600.0, low_open=True),
+        # gRPC: close a round this long after its models went out, without the clients still silent; 0 = off
+        "round_timeout_s": _float(0.0, default=0.0),
         # gRPC mutual TLS: this party's {ca_cert, cert, key} PEM paths (`feddpd certs` makes them); {} = none
         "tls": Key(dict, {}, "a mapping of ca_cert, cert and key (PEM file paths), or {} for none"),
         # gRPC: plaintext even when the ip config has addresses off this machine (prints a warning)
@@ -123,6 +130,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "oversample": _float(1.0, default=_FEDDPD.oversample),
         "dpo": _bool(_FEDDPD.dpo),
         "selection": _choice(("discrepancy", "random"), _FEDDPD.selection),
+        "candidates": _choice(("adapter", "union"), _FEDDPD.candidates),
     },
 }
 
@@ -189,12 +197,6 @@ def validate(raw: Any, source: str = "<config>") -> RunConfig:
             if key not in allowed:
                 raise ConfigError(f"{name}.{key}: unknown key{_suggest(str(key), allowed)}; "
                                   f"allowed: {', '.join(allowed)}")
-    for name in DATACLASS_SECTIONS:
-        try:
-            # json round trip: tuples become lists so the resolved config dumps as plain YAML
-            sections[name] = json.loads(json.dumps(asdict(_dataclass_for(name)(**(raw.get(name) or {})))))
-        except ValueError as exc:
-            raise ConfigError(str(exc).splitlines()[0]) from None
     for name, keys in SCHEMA.items():
         body = raw.get(name) or {}
         out = sections[name] = {}
@@ -206,6 +208,15 @@ def validate(raw: Any, source: str = "<config>") -> RunConfig:
                 raise ConfigError(f"{where}: missing; expected {spec.expect}")
             else:
                 out[key] = spec.default
+    info = CATALOG[sections["data_args"]["dataset"]]
+    for name in DATACLASS_SECTIONS:
+        body, cls = raw.get(name) or {}, _dataclass_for(name)
+        try:  # the generator's image shape and classes come from the dataset (GeneratorConfig.for_data)
+            made = cls.for_data(info.shape, info.classes, **body) if name == "generator" else cls(**body)
+            # json round trip: tuples become lists so the resolved config dumps as plain YAML
+            sections[name] = json.loads(json.dumps(asdict(made)))
+        except ValueError as exc:
+            raise ConfigError(str(exc).splitlines()[0]) from None
     _check_across_keys(sections)
     return RunConfig(sections, source)
 
@@ -220,30 +231,16 @@ def _check_across_keys(s: dict[str, dict[str, Any]]) -> None:
         raise ConfigError(
             f"data_args.test_fraction: public_fraction + test_fraction must be < 1 to leave data "
             f"for clients, got {data['public_fraction']} + {data['test_fraction']}")
-    if data["dataset"] in FEDML_DATASETS and data["imbalance_factor"] != 1.0:
-        raise ConfigError(
-            f"data_args.imbalance_factor: expected 1 for FedML's own '{data['dataset']}' loader "
-            f"(global imbalance is built for dataset: digits), got {data['imbalance_factor']}")
     method = methods.get(train["federated_optimizer"])
     _check_backend(s, method)
+    _check_dropout(s["train_args"], s["comm_args"])
     _check_tls(s["comm_args"])
-    if method.supplement and data["dataset"] != "digits":
-        raise ConfigError(f"data_args.dataset: {method.name} needs the server's public split, which only dataset: "
-                          f"digits provides; got '{data['dataset']}'")
     if method.check is not None:
         method.check(s)
     if data["validation_fraction"] + data["oracle_fraction"] >= 1.0:
         raise ConfigError("data_args.oracle_fraction: validation_fraction + oracle_fraction must be < 1 to leave "
                           "clients data")
-    _check_model(model["model"], data["dataset"])
-
-
-def _check_model(model: str, dataset: str) -> None:
-    if model not in MODELS:
-        raise ConfigError(f"model_args.model: expected one of {', '.join(MODELS)}, got {model!r}")
-    if dataset not in MODELS[model]:
-        raise ConfigError(f"model_args.model: '{model}' does not fit dataset '{dataset}'; expected a model "
-                          f"for it: {', '.join(m for m, d in MODELS.items() if dataset in d)}")
+    check_data_args(data, model["model"])
 
 
 TLS_KEYS = ("ca_cert", "cert", "key")
@@ -284,6 +281,15 @@ def _check_backend(s: dict[str, dict[str, Any]], method: methods.Method) -> None
     if s["run_args"]["baseline"] != "none":
         raise ConfigError(f"run_args.baseline: expected none with backend {backend} (run the baseline's own config), "
                           f"got {s['run_args']['baseline']!r}")
+
+
+def _check_dropout(train: dict[str, Any], comm: dict[str, Any]) -> None:
+    if train["min_clients_per_round"] > train["client_num_per_round"]:
+        raise ConfigError(f"train_args.min_clients_per_round: expected at most client_num_per_round "
+                          f"({train['client_num_per_round']}), got {train['min_clients_per_round']}")
+    if comm["round_timeout_s"] > 0 and comm["backend"] != "GRPC":
+        raise ConfigError(f"comm_args.round_timeout_s: expected 0 with backend {comm['backend']} (only GRPC goes on "
+                          f"without silent clients; a failed rank stops the run), got {comm['round_timeout_s']:g}")
 
 
 def load_config(path: str | os.PathLike) -> RunConfig:

@@ -93,7 +93,8 @@ def open_party(cfg: RunConfig, rank: Optional[int] = None, role: Optional[str] =
         # makes multi-threaded steps far slower (docs/DESIGN.md, "Threads").
         torch.set_num_threads(cfg["torch_threads"])
     data = load_federated_data(args) if data is None else data
-    model = create_model(args, data.class_num) if model is None else model
+    shape = data.space.shape if data.space is not None else None
+    model = create_model(args, data.class_num, shape) if model is None else model
     device = torch.device("cuda" if args.using_gpu and torch.cuda.is_available() else "cpu")
     return Party(cfg, args, data, model, device, started)
 
@@ -110,6 +111,7 @@ def server_step(party: Party, deliver: Callable, show_progress: bool):
     from .supplement import GeneratorService, Scorer, ServerStep
 
     seed = int(args.random_seed)
+    device = party.device
     settings = FedDPDSettings(**cfg.sections["feddpd"])
     policy = method.policy_class()(settings, data, seed)
     service, info = None, None
@@ -117,11 +119,14 @@ def server_step(party: Party, deliver: Callable, show_progress: bool):
         gen_cfg = GeneratorConfig(**cfg.sections["generator"])
         threads = cfg["generator_threads"] or os.cpu_count() or 1
         with torch_threads(threads):
-            generator = load_or_pretrain_generator(gen_cfg, *data.public, seed=seed, progress=show_progress)
+            # pretrained with the public split's own seed: one cache entry serves every run seed
+            generator = load_or_pretrain_generator(gen_cfg, *data.public, seed=int(args.public_seed),
+                                                   progress=show_progress, device=device)
+        generator.unet.to(device)
         service = GeneratorService(generator, DPOSettings(**cfg.sections["dpo_args"]), gen_cfg,
                                    sample_threads=threads)
         info = {"source": generator.source, "path": generator.path, "seconds": generator.seconds}
-    return ServerStep(policy, Scorer(party.model), service, args.comm_round - 1, deliver), info
+    return ServerStep(policy, Scorer(party.model, data.space, device), service, args.comm_round - 1, deliver), info
 
 
 class RoundRecorder:
@@ -149,7 +154,8 @@ class RoundRecorder:
         from .metrics import evaluate
 
         record = {"round": round_idx, "clients": list(self.api.round_clients),
-                  "client_seconds": self.api.client_seconds, "server_seconds": self.api.server_seconds}
+                  "client_seconds": self.api.client_seconds, "server_seconds": self.api.server_seconds,
+                  "missing_clients": list(getattr(self.api, "round_missing", []))}  # gRPC round_timeout_s
         if self.server_step is not None and round_idx in self.server_step.log:
             record["server_step"] = self.server_step.log[round_idx]
         if round_idx % self.eval_every == 0 or round_idx == self.rounds - 1:
@@ -206,7 +212,7 @@ def assemble_sp(party: Party, show_progress: bool = True) -> Experiment:
     if party.method.supplement:
         # FedML's round loop re-reads api.train_data_local_dict every round (fedavg_api.py:90-95).
         delivery = SupplementDelivery(api.train_data_local_dict, cfg.sections["feddpd"]["supplement_weight"],
-                                      args.batch_size, int(args.random_seed))
+                                      args.batch_size, int(args.random_seed), data.space)
         step, info = server_step(party, delivery, show_progress)
     recorder.attach(step)
     api.install_round_hooks(recorder, after_aggregation=step)

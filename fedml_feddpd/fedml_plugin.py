@@ -13,9 +13,11 @@ anything that is not the plugin's back to FedML unchanged:
 * `Arguments.set_attr_from_config` (arguments.py:187-190) flattens every YAML section into `args`; the
   plugin's own sections (feddpd, generator, dpo_args) reuse FedML key names (dpo_args.learning_rate
   would overwrite train_args.learning_rate), so they stay out, as in our CLI (config.PLUGIN_SECTIONS).
-* `fedml.data.load` (data/data_loader.py:234) knows no `digits`: the plugin's datasets load through
-  data.load_federated_data; the 8-tuple comes back with the plugin's extra splits attached.
-* `fedml.model.create` (model/model_hub.py:19) knows no `cnn_digits`.
+* `fedml.data.load` (data/data_loader.py:234) knows no `digits` or `fashion_mnist`, and its mnist, femnist
+  and cifar10 carry no public split, long tail or hold-outs: every dataset of datasets.DATASETS loads
+  through data.load_federated_data (which reads FedML's own through the original loader); the 8-tuple
+  comes back with the plugin's extra splits attached.
+* `fedml.model.create` (model/model_hub.py:19) knows no `cnn_digits` or `cnn_small`.
 * `SimulatorSingleProcess.__init__` (simulation/simulator.py:27-62) raises on names it does not know:
   a plugin method runs through experiment.assemble_sp, exactly as `python -m fedml_feddpd run`.
 * `FedMLRunner._init_cross_silo_runner` (runner.py:81-116): a plugin method's server and clients run
@@ -33,13 +35,14 @@ import sys
 import warnings
 
 from . import methods
+from .datasets import DATASETS
+from .models import PLUGIN_MODELS
 
 # Registry methods that FedML's SimulatorSingleProcess runs correctly by itself (simulation/simulator.py:40-62).
 # FedOpt, FedNova and SCAFFOLD are in the registry because FedML's own classes are broken
 # (baselines/fedml_sp.py): through FedMLRunner they run the fixed subclasses.
 FEDML_SP_NAMES = ("FedAvg", "FedProx")
-PLUGIN_DATASETS = ("digits",)
-PLUGIN_MODELS = ("cnn_digits",)
+PLUGIN_DATASETS = tuple(DATASETS)
 
 _registered = False
 
@@ -75,7 +78,7 @@ class FedMLDataset(list):
 
 def _load_data(original):
     def load(args):
-        if args.dataset not in PLUGIN_DATASETS:  # FedML's own datasets: FedML's loader
+        if args.dataset not in PLUGIN_DATASETS:  # datasets the plugin does not know: FedML's loader
             return original(args)
         config_of(args)
         from .data import load_federated_data
@@ -91,11 +94,11 @@ def _load_data(original):
 
 def _create_model(original):
     def create(args, output_dim):
-        if args.model not in PLUGIN_MODELS:
+        if args.model not in PLUGIN_MODELS and getattr(args, "dataset", None) not in PLUGIN_DATASETS:
             return original(args, output_dim)
         from .models import create_model
 
-        return create_model(args, output_dim)
+        return create_model(args, output_dim, DATASETS[args.dataset].shape if args.dataset in DATASETS else None)
 
     create.__wrapped__ = original
     return create

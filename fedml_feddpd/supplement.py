@@ -43,15 +43,19 @@ class Supplement:
 
 
 class Scorer:
-    """Class probabilities of candidates under the global model and a client's uploaded model."""
+    """Class probabilities of candidates (generator space, data.spaces) under the global model and a
+    client's uploaded model, on `device`."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = copy.deepcopy(model).eval()
+    def __init__(self, model: torch.nn.Module, space=None, device="cpu"):
+        self.model = copy.deepcopy(model).to(device).eval()
+        self.space, self.device = space, torch.device(device)
 
     @torch.no_grad()
     def probs(self, state_dict: dict, images: torch.Tensor) -> np.ndarray:
         self.model.load_state_dict(state_dict)
-        return torch.softmax(self.model(images), dim=1).numpy()
+        x = images.to(self.device)
+        x = self.space.to_model(x) if self.space is not None else x
+        return torch.softmax(self.model(x), dim=1).cpu().numpy()
 
 
 class GeneratorService:
@@ -60,7 +64,7 @@ class GeneratorService:
 
     def __init__(self, generator, dpo_settings, generator_config, sample_threads: int = 0):
         self.generator, self.dpo_settings = generator, dpo_settings
-        self.sample_steps = generator_config.sample_steps
+        self.sample_steps, self.sampler = generator_config.sample_steps, generator_config.sampler
         self.guidance_scale = generator_config.guidance_scale  # classifier-free guidance (1: off)
         self.sample_threads = sample_threads
 
@@ -72,7 +76,7 @@ class GeneratorService:
                 (using_adapter(unet, adapter) if adapter else adapters_disabled(unet)):
             return sample(unet, self.generator.scheduler, [int(c) for c in class_counts],
                           steps=self.sample_steps, seed=seed, guidance_scale=self.guidance_scale,
-                          null_class=self.generator.null_class)
+                          null_class=self.generator.null_class, sampler=self.sampler)
 
     def train_adapter(self, name: str, chosen, rejected, labels, seed: int) -> dict:
         from dataclasses import replace
@@ -81,9 +85,10 @@ class GeneratorService:
 
         unet = self.generator.unet
         settings = replace(self.dpo_settings, seed=seed)
-        if has_adapter(unet, name):  # a fresh adapter each time: preferences move with the models
+        if has_adapter(unet, name) and not settings.warm_start:  # fresh: preferences move with the models
             delete_adapter(unet, name)
-        add_adapter(unet, name, settings)
+        if not has_adapter(unet, name):
+            add_adapter(unet, name, settings)
         return train_dpo_adapter(unet, self.generator.scheduler, name, chosen, rejected, labels, settings)
 
     def adapter_states(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -92,7 +97,7 @@ class GeneratorService:
         from .generation.adapters import adapter_names
 
         unet = self.generator.unet
-        return {name: {k: p.detach().clone() for k, p in adapter_parameters(unet, name).items()}
+        return {name: {k: p.detach().cpu().clone() for k, p in adapter_parameters(unet, name).items()}
                 for name in adapter_names(unet)}
 
     def load_adapter_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -185,7 +190,11 @@ class FedDPDPolicy(SupplementPolicy):
             with timer("scoring"):
                 p_g = scorer.probs(global_state, gen_x)
                 d_gen = discrepancy(p_g, scorer.probs(up.state_dict, gen_x), gen_y.numpy(), s.discrepancy)
-                pick = select_top(d_gen, gen_y.numpy(), quality_gate(p_g, gen_y.numpy(), s.tau), counts)
+                gate_gen = quality_gate(p_g, gen_y.numpy(), s.tau)
+                if s.candidates == "union":  # pool first, then the adapter's samples: a superset of the pool's choice
+                    gen_x, gen_y = torch.cat([pool_x, gen_x]), torch.cat([pool_y, gen_y])
+                    d_gen, gate_gen = np.concatenate([d, d_gen]), np.concatenate([gate, gate_gen])
+                pick = select_top(d_gen, gen_y.numpy(), gate_gen, counts)
             sup = self._supplement(gen_x[pick], gen_y[pick], budget, counts)
             sup.stats.update(dpo_pairs=int(len(chosen)),
                              dpo={k: v for k, v in (dpo_stats or {}).items() if isinstance(v, (int, float))})

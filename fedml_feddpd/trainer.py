@@ -51,12 +51,14 @@ def tensors_of(batches) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def with_supplement(real: tuple[torch.Tensor, torch.Tensor], supplement, weight: float, batch_size: int,
-                    seed: int) -> DataLoader:
-    """A client's loader over its real data plus the supplement, yielding (x, y, weight)."""
+                    seed: int, space=None) -> DataLoader:
+    """A client's loader over its real data plus the supplement (generator space, converted to the model's
+    input by `space`, data.spaces.ModelSpace), yielding (x, y, weight)."""
     x, y = real
     w = torch.ones(len(y))
     if supplement is not None and len(supplement.labels):
-        x = torch.cat([x, supplement.images.to(x.dtype)])
+        images = supplement.images.to(x.dtype)
+        x = torch.cat([x, space.to_model(images) if space is not None else images])
         y = torch.cat([y, supplement.labels.to(y.dtype)])
         w = torch.cat([w, torch.full((len(supplement.labels),), float(weight))])
     return DataLoader(TensorDataset(x, y, w), batch_size=batch_size, shuffle=True,
@@ -72,8 +74,9 @@ class SupplementDelivery:
     The real tensors are read once, when it is made (tensors_of leaves each loader's shuffle stream as
     it was)."""
 
-    def __init__(self, loaders: dict, weight: float, batch_size: int, seed: int):
+    def __init__(self, loaders: dict, weight: float, batch_size: int, seed: int, space=None):
         self.loaders, self.weight, self.batch_size, self.seed = loaders, float(weight), batch_size, seed
+        self.space = space
         self.real = {cid: tensors_of(loader) for cid, loader in loaders.items()}
         self.holding: dict[int, object] = {}  # client id -> the supplement it trains with
 
@@ -81,4 +84,4 @@ class SupplementDelivery:
         cid = int(cid)
         self.holding[cid] = supplement
         self.loaders[cid] = with_supplement(self.real[cid], supplement, self.weight, self.batch_size,
-                                            seed=self.seed * 1000 + cid)
+                                            seed=self.seed * 1000 + cid, space=self.space)

@@ -17,7 +17,7 @@ BAD_INPUTS = [
     ("train_args", "comm_round", "ten", "train_args.comm_round: expected an integer >= 1, got 'ten'"),
     ("train_args", "learning_rate", True, "train_args.learning_rate: expected a number in (0, inf), got True"),
     ("train_args", "client_num_per_round", 20, "train_args.client_num_per_round: expected at most client_num_in_total (4), got 20"),
-    ("data_args", "dataset", "imagenet", "data_args.dataset: expected one of digits, mnist, femnist, cifar10, got 'imagenet'"),
+    ("data_args", "dataset", "imagenet", "data_args.dataset: expected one of digits, fashion_mnist, mnist, femnist, cifar10, got 'imagenet'"),
     ("comm_args", "backend", "NCCL", "comm_args.backend: expected one of sp"),
     ("tracking_args", "enable_wandb", True, "tracking_args.enable_wandb: expected false"),
     ("model_args", "model", "resnet56", "model_args.model: 'resnet56' does not fit dataset 'digits'"),
@@ -76,9 +76,9 @@ def test_invalid_yaml_and_missing_file(tmp_path):
 def test_fedml_dataset_missing_files_fail_before_download(tmp_path):
     from fedml_feddpd.data.fedml_datasets import check_files
 
-    with pytest.raises(FileNotFoundError, match=r"dataset 'mnist' needs MNIST.zip, MNIST/train/\*.json"):
+    with pytest.raises(ConfigError, match=r"dataset 'mnist' needs MNIST.zip, MNIST/train/\*.json"):
         check_files("mnist", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="fed_emnist_train.h5"):
+    with pytest.raises(ConfigError, match="fed_emnist_train.h5"):
         check_files("femnist", str(tmp_path))
 
 

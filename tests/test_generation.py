@@ -53,7 +53,8 @@ def snapshot(unet):
     (dict(block_out_channels=(12, 64)), "generator.block_out_channels"),
     (dict(beta_schedule="cosine"), "generator.beta_schedule"),
     (dict(label_dropout=1.0), "generator.label_dropout"),
-    (dict(sample_size=9), "generator.sample_size"),
+    (dict(sample_size=9), "generator.block_out_channels"),  # 9x9 cannot be halved by a second block
+    (dict(sample_size=[8, "x"]), "generator.sample_size"),
     (dict(guidance_scale=0.5), "generator.guidance_scale"),
     (dict(guidance_scale=True), "generator.guidance_scale"),
     (dict(guidance_scale=float("nan")), "generator.guidance_scale"),
@@ -456,3 +457,17 @@ def test_cache_lock_is_released_when_pretraining_fails(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_or_pretrain_generator(cfg, x, y, progress=False).source == "trained"
     assert load_or_pretrain_generator(cfg, x, y, progress=False).source == "cache"
+
+
+def test_dpm_solver_sampling_is_deterministic_and_batch_independent():
+    from fedml_feddpd.generation.unet import build_unet
+
+    cfg = GeneratorConfig(block_out_channels=(8, 16), attention_head_dim=8)
+    unet = build_unet(cfg)
+    a, la = sample(unet, cfg, [3, 2], steps=4, seed=5, sampler="dpm", guidance_scale=1.0)
+    b, lb = sample(unet, cfg, [3, 2], steps=4, seed=5, sampler="dpm", guidance_scale=1.0, batch_size=2)
+    c, _ = sample(unet, cfg, [3, 2], steps=4, seed=5, sampler="ddim", guidance_scale=1.0)
+    assert torch.equal(la, lb) and torch.allclose(a, b, atol=1e-5)  # multistep history reset per batch
+    assert 0.0 <= float(a.min()) and float(a.max()) <= 1.0 and not torch.allclose(a, c)
+    with pytest.raises(ValueError, match="generator.sampler: expected one of ddim, dpm, got 'euler'"):
+        GeneratorConfig(sampler="euler")

@@ -99,8 +99,9 @@ def test_fedprox_runs_fedmls_own_trainer(tmp_path, make_config):
     from fedml_feddpd.runner import run
 
     assert issubclass(sp_api_class(methods.get("FedProx")), FedProxTrainer)
-    result = run(make_config(federated_optimizer="FedProx", fedprox_mu=0.5), tmp_path / "p", show_progress=False)
-    assert result["method"] == "FedProx" and result["final"]["top1"] > 0.40
+    result = run(make_config(federated_optimizer="FedProx", fedprox_mu=0.5, comm_round=4), tmp_path / "p",
+                 show_progress=False)
+    assert result["method"] == "FedProx" and result["final"]["top1"] > 0.40  # 0.62 measured (public_seed 0..2: >= 0.44)
 
 
 def test_every_client_of_the_first_round_starts_from_the_initial_model(make_config):

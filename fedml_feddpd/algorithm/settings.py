@@ -20,6 +20,9 @@ class FedDPDSettings:
     oversample: float = 2.0
     dpo: bool = True
     selection: str = "discrepancy"
+    # where a DPO client's supplement is picked from: its adapter's samples ("adapter"), or the pool and
+    # those samples together ("union": the adapter can only add to what the pool already offers)
+    candidates: str = "adapter"
 
     def due(self, round_idx: int, last_round: int) -> bool:
         """Supplement after aggregation of this round? Never after the last one (nobody trains on it)."""

@@ -1,4 +1,4 @@
-"""Data for a run: the embedded digits benchmark or FedML's own datasets, as FedML's 8-tuple."""
+"""Data for a run, every dataset through one split and partition, as FedML's 8-tuple plus the server's splits."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from .partition import (Splits, dirichlet_partition, homogeneous_partition, imbalanced_class_sizes,
-                        label_histograms, split_public_train_test)
+                        label_histograms, natural_partition, split_by_writers, split_public_train_test)
+from .spaces import ModelSpace
 
 
 @dataclass
@@ -22,10 +23,12 @@ class FederatedData:
     class_num: int
     test_batches: object                       # iterable of (x, y): the global (imbalanced) test set
     train_batches: object                      # all clients' training data pooled
-    public: Optional[tuple[torch.Tensor, torch.Tensor]] = None   # server-only split (digits)
-    validation_batches: object = None          # held-out pool samples for tuning (digits, optional)
+    public: Optional[tuple[torch.Tensor, torch.Tensor]] = None   # server-only split
+    validation_batches: object = None          # held-out pool samples for tuning (optional)
     oracle: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # held-out real data for the Oracle baseline
     client_histograms: Optional[np.ndarray] = None               # for reports only
+    # generator space <-> model input (data/spaces.py); public, oracle and supplements are in generator space
+    space: Optional[ModelSpace] = None
 
 
 def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
@@ -33,27 +36,42 @@ def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, se
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=gen)
 
 
-def build_digits(args) -> FederatedData:
-    from .digits import load_digits_tensors
+def build_federated(args) -> FederatedData:
+    """Every dataset the same way: its pool (data.sources), the balanced public split and the long-tailed
+    train/test/hold-outs (public split drawn by data_args.public_seed, the rest by the run seed), then
+    FedML's Dirichlet partitioner ('hetero'), an IID split ('homo') or the writers ('natural')."""
+    from ..datasets import DATASETS
+    from ..errors import ConfigError
+    from ..models import LAYOUTS
+    from .sources import load_pool
 
-    images, labels = load_digits_tensors()
-    num_classes = 10
+    info = DATASETS[args.dataset]
+    pool = load_pool(args)
+    images, labels, num_classes = pool.images, pool.labels, info.classes
     seed = int(args.random_seed)
-    splits = split_public_train_test(labels.numpy(), num_classes, args.public_fraction, args.test_fraction,
-                                     args.imbalance_factor, seed, args.validation_fraction, args.oracle_fraction)
+    public_seed = getattr(args, "public_seed", None)
+    space = ModelSpace(info.shape, LAYOUTS.get(args.model, "nchw"), info.mean, info.std)
+    fractions = (args.public_fraction, args.test_fraction, args.imbalance_factor, seed,
+                 args.validation_fraction, args.oracle_fraction)
+    try:
+        if args.partition_method == "natural":
+            splits = split_by_writers(labels.numpy(), pool.writers, num_classes, *fractions, public_seed=public_seed)
+            parts = natural_partition(pool.writers[splits.train], args.client_num_in_total,
+                                      args.min_client_size, seed)
+        else:
+            splits = split_public_train_test(labels.numpy(), num_classes, *fractions, public_seed=public_seed,
+                                             max_per_class=getattr(args, "max_per_class", 0))
+            train_labels = labels[splits.train].numpy()
+            if args.partition_method == "hetero":
+                parts = dirichlet_partition(train_labels, args.client_num_in_total, num_classes,
+                                            args.partition_alpha, args.min_client_size, seed)
+            else:
+                parts = homogeneous_partition(len(train_labels), args.client_num_in_total, seed)
+    except ValueError as exc:  # sizes that cannot be met: a config problem, reported in one line
+        raise ConfigError(str(exc)) from None
     train_labels = labels[splits.train].numpy()
-    if args.partition_method == "hetero":
-        from ..config import ConfigError
-
-        try:
-            parts = dirichlet_partition(train_labels, args.client_num_in_total, num_classes,
-                                        args.partition_alpha, args.min_client_size, seed)
-        except ValueError as exc:  # sizes that cannot be met: a config problem, reported in one line
-            raise ConfigError(str(exc)) from None
-    else:
-        parts = homogeneous_partition(len(train_labels), args.client_num_in_total, seed)
-    x_train, y_train = images[splits.train], labels[splits.train]
-    x_test, y_test = images[splits.test], labels[splits.test]
+    x_train, y_train = space.to_model(images[splits.train]), labels[splits.train]
+    x_test, y_test = space.to_model(images[splits.test]), labels[splits.test]
     local_train, local_num = {}, {}
     for cid, idx in parts.items():
         idx_t = torch.from_numpy(idx)
@@ -65,20 +83,18 @@ def build_digits(args) -> FederatedData:
                {cid: None for cid in parts}, num_classes]
     validation = None
     if len(splits.validation):
-        validation = _loader(images[splits.validation], labels[splits.validation], 256, False, seed)
+        validation = _loader(space.to_model(images[splits.validation]), labels[splits.validation], 256, False, seed)
     return FederatedData(dataset, num_classes, test_global, train_global,
                          public=(images[splits.public], labels[splits.public]), validation_batches=validation,
                          oracle=(images[splits.oracle], labels[splits.oracle]),
-                         client_histograms=label_histograms(train_labels, parts, num_classes))
+                         client_histograms=label_histograms(train_labels, parts, num_classes), space=space)
+
+
+build_digits = build_federated  # the digits benchmark is one dataset among the others
 
 
 def load_federated_data(args) -> FederatedData:
-    if args.dataset == "digits":
-        return build_digits(args)
-    from .fedml_datasets import load_fedml_dataset
-
-    dataset, class_num = load_fedml_dataset(args)
-    return from_fedml(dataset, class_num)
+    return build_federated(args)
 
 
 def from_fedml(dataset, class_num: int) -> FederatedData:
@@ -86,5 +102,5 @@ def from_fedml(dataset, class_num: int) -> FederatedData:
     return FederatedData(list(dataset), class_num, test_batches=dataset[3], train_batches=dataset[2])
 
 
-__all__ = ["FederatedData", "Splits", "from_fedml", "load_federated_data", "build_digits", "dirichlet_partition",
-           "homogeneous_partition", "imbalanced_class_sizes", "label_histograms", "split_public_train_test"]
+__all__ = ["FederatedData", "ModelSpace", "Splits", "build_federated", "from_fedml", "load_federated_data", "build_digits", "dirichlet_partition",
+           "homogeneous_partition", "imbalanced_class_sizes", "label_histograms", "natural_partition", "split_by_writers", "split_public_train_test"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -28,7 +29,8 @@ class Splits:
 
 def split_public_train_test(labels: np.ndarray, num_classes: int, public_fraction: float,
                             test_fraction: float, imbalance_factor: float, seed: int,
-                            validation_fraction: float = 0.0, oracle_fraction: float = 0.0) -> Splits:
+                            validation_fraction: float = 0.0, oracle_fraction: float = 0.0,
+                            public_seed: Optional[int] = None, max_per_class: int = 0) -> Splits:
     """Balanced public split first, then train/test cut to the same long-tailed profile.
 
     Per class, `public_fraction` of its samples go to the server. The rest would give every class
@@ -36,24 +38,84 @@ def split_public_train_test(labels: np.ndarray, num_classes: int, public_fractio
     profile, scaled by test_fraction, for testing. Samples cut by the imbalance are unused.
     `validation_fraction` (for tuning) and `oracle_fraction` (the Oracle baseline's real data) of each
     class's training share are held out; clients never hold them.
+
+    `public_seed` draws the public split (and the `max_per_class` subsample of each class) on its own, so
+    the server's data, and the generator cached for it, stay the same across run seeds; `seed` then
+    draws the rest. `public_seed=None` draws everything from `seed`.
     """
-    rng = np.random.default_rng(seed)
-    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
+    prng = np.random.default_rng(seed if public_seed is None else public_seed)
+    per_class = [prng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
+    if max_per_class:
+        per_class = [idx[:max_per_class] for idx in per_class]
     n_public = [int(round(public_fraction * len(idx))) for idx in per_class]
-    remaining = min(len(idx) - n for idx, n in zip(per_class, n_public))
+    public = [idx[:n] for idx, n in zip(per_class, n_public)]
+    rest = [idx[n:] for idx, n in zip(per_class, n_public)]
+    if public_seed is not None:
+        rng = np.random.default_rng(seed)
+        rest = [rng.permutation(idx) for idx in rest]
+    return _long_tail_cut(public, rest, test_fraction, imbalance_factor, validation_fraction, oracle_fraction)
+
+
+def _long_tail_cut(public: list, rest: list, test_fraction: float, imbalance_factor: float,
+                   validation_fraction: float, oracle_fraction: float) -> Splits:
+    """Per class (each `rest` list already shuffled): test first, then the training pool, both cut to
+    the long-tailed profile, then the validation and oracle hold-outs out of the training pool."""
+    num_classes = len(rest)
+    remaining = min(len(idx) for idx in rest)
+    if remaining == 0:
+        empty = [c for c, idx in enumerate(rest) if not len(idx)]
+        raise ValueError(f"data_args.dataset: classes {empty} have no samples left after the public split; "
+                         f"expected every one of the {num_classes} classes in the data")
     n_test_max = int(np.floor(test_fraction * remaining))
     train_sizes = imbalanced_class_sizes(remaining - n_test_max, num_classes, imbalance_factor)
     test_sizes = imbalanced_class_sizes(n_test_max, num_classes, imbalance_factor)
-    public, train, test, val, oracle = [], [], [], [], []
-    for idx, n_pub, n_tr, n_te in zip(per_class, n_public, train_sizes, test_sizes):
+    train, test, val, oracle = [], [], [], []
+    for idx, n_tr, n_te in zip(rest, train_sizes, test_sizes):
         n_val, n_orc = int(round(validation_fraction * n_tr)), int(round(oracle_fraction * n_tr))
-        public.append(idx[:n_pub])
-        test.append(idx[n_pub:n_pub + n_te])
-        pool = idx[n_pub + n_te:n_pub + n_te + n_tr]
+        test.append(idx[:n_te])
+        pool = idx[n_te:n_te + n_tr]
         val.append(pool[:n_val])
         oracle.append(pool[n_val:n_val + n_orc])
         train.append(pool[n_val + n_orc:])
-    return Splits(*(np.sort(np.concatenate(p)).astype(int) for p in (public, train, test, val, oracle)))
+    return Splits(*(np.sort(np.concatenate(p)).astype(int) if len(p) else np.zeros(0, int)
+                    for p in (public, train, test, val, oracle)))
+
+
+def split_by_writers(labels: np.ndarray, writers: np.ndarray, num_classes: int, public_fraction: float,
+                     test_fraction: float, imbalance_factor: float, seed: int, validation_fraction: float = 0.0,
+                     oracle_fraction: float = 0.0, public_seed: Optional[int] = None) -> Splits:
+    """The split for FedML's natural (per-writer) partition: the server's public split is every sample of
+    `public_fraction` of the writers (drawn by public_seed), cut to the same count per class; the other
+    writers' samples are cut into test, training pool and hold-outs as in split_public_train_test."""
+    ids = np.unique(writers)
+    n_pub = int(round(public_fraction * len(ids)))
+    if not 1 <= n_pub < len(ids):
+        raise ValueError(f"data_args.public_fraction: {public_fraction} of {len(ids)} writers leaves "
+                         f"{n_pub} for the server; expected at least 1 and fewer than all")
+    prng = np.random.default_rng(seed if public_seed is None else public_seed)
+    held = np.isin(writers, prng.choice(ids, n_pub, replace=False))
+    rng = np.random.default_rng(seed)
+    public_all = [prng.permutation(np.flatnonzero(held & (labels == c))) for c in range(num_classes)]
+    n_balanced = min(len(idx) for idx in public_all)
+    if n_balanced == 0:
+        missing = [c for c, idx in enumerate(public_all) if not len(idx)]
+        raise ValueError(f"data_args.public_fraction: the server's {n_pub} writers hold no sample of classes "
+                         f"{missing}; expected a larger public_fraction")
+    public = [idx[:n_balanced] for idx in public_all]
+    rest = [rng.permutation(np.flatnonzero(~held & (labels == c))) for c in range(num_classes)]
+    return _long_tail_cut(public, rest, test_fraction, imbalance_factor, validation_fraction, oracle_fraction)
+
+
+def natural_partition(writers: np.ndarray, client_num: int, min_size: int, seed: int) -> dict[int, np.ndarray]:
+    """FedML's natural partition: each client is one writer's training samples. `client_num` writers with at
+    least `min_size` samples are drawn by `seed`; the others' samples go unused."""
+    ids, counts = np.unique(writers, return_counts=True)
+    eligible = ids[counts >= min_size]
+    if client_num > len(eligible):
+        raise ValueError(f"train_args.client_num_in_total: {len(eligible)} writers hold >= {min_size} training "
+                         f"samples (data_args.min_client_size); expected at most {len(eligible)}, got {client_num}")
+    chosen = np.sort(np.random.default_rng(seed).choice(eligible, client_num, replace=False))
+    return {cid: np.flatnonzero(writers == w) for cid, w in enumerate(chosen)}
 
 
 def dirichlet_partition(labels: np.ndarray, client_num: int, num_classes: int, alpha: float,

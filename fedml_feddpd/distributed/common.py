@@ -17,11 +17,14 @@ from typing import Callable, Optional
 from ..errors import PartyError
 from ..experiment import Experiment, Party, RoundRecorder, execute, open_party, server_step
 
-__all__ = ["ClientCore", "KEY_SUPPLEMENT", "KEY_TRAINED_ON", "Party", "PartyError", "ServerCore", "open_party"]
+__all__ = ["ClientCore", "KEY_ROUND", "KEY_SESSION", "KEY_SUPPLEMENT", "KEY_TRAINED_ON", "Party", "PartyError",
+           "ServerCore", "open_party"]
 
 # Extra message keys our manager subclasses add to FedML's messages.
 KEY_SUPPLEMENT = "feddpd_supplement"      # server -> client: the client's new supplement (or absent)
 KEY_TRAINED_ON = "feddpd_trained_on"      # client -> server: what the client trained on this round, its seconds
+KEY_ROUND = "feddpd_round"                # gRPC, both ways: the round a model message starts or answers
+KEY_SESSION = "feddpd_session"            # gRPC client -> server status: one id per client process (a restart)
 
 
 def supplement_digest(supplement) -> Optional[str]:
@@ -75,6 +78,7 @@ class ServerCore:
         self.size_of = size_of or pickled_size  # bytes of a value as the backend's transport carries it
         self.round_idx = -1
         self.round_clients: list[int] = []
+        self.round_missing: list[int] = []  # selected clients whose upload did not come (gRPC round_timeout_s)
         self.client_seconds = self.server_seconds = 0.0
         self.recorder = RoundRecorder(self, party, show_progress)
         # On sp the supplement goes into the client's loader at once; here it waits for the message that
@@ -112,6 +116,7 @@ class ServerCore:
     def start_round(self, round_idx: int, clients) -> None:
         self.round_idx = round_idx
         self.round_clients = [int(c) for c in clients]
+        self.round_missing = []
         self.client_seconds = self.server_seconds = 0.0
         self._round_sent = time.perf_counter()
 
@@ -124,6 +129,15 @@ class ServerCore:
             return None
         self.sent[(int(rank), int(cid))] = version
         return newest
+
+    def forget_rank(self, rank: int) -> None:
+        """`rank` holds no supplement any more (it restarted, or a message to it failed): send the newest again."""
+        for key in [k for k in self.sent if k[0] == int(rank)]:
+            del self.sent[key]
+
+    def answered(self, clients, missing) -> None:
+        """Of the round's clients, only `clients` (in rank order) uploaded: the round aggregates them alone."""
+        self.round_clients, self.round_missing = [int(c) for c in clients], [int(c) for c in missing]
 
     def sent_model(self, round_idx: int, model_state, supplement=None) -> None:
         """Count one server -> client message starting `round_idx`: its model and supplement bytes."""
@@ -195,7 +209,7 @@ class ClientCore:
         # sp reads every client's real tensors once before round 0 (SupplementDelivery): the clients here
         # do the same, so that both stay on the same shuffle stream.
         self.delivery = (SupplementDelivery(self.loaders, party.cfg.sections["feddpd"]["supplement_weight"],
-                                            args.batch_size, int(args.random_seed))
+                                            args.batch_size, int(args.random_seed), party.data.space)
                          if party.method.supplement else None)
 
     def deliver(self, cid: int, supplement) -> None:

@@ -2,16 +2,21 @@
 
 The client reads its loader before the payload arrives (fedml_client_master_manager.py:142-144): the
 trainer trains on the loader that the payload just installed.
+
+Each client process names a session in its status messages, so that the server tells a restart from a
+repeated ONLINE; a model message names its round (FedML's client counts rounds itself, :125-149), so that
+a client that rejoins mid-run (comm_args.round_timeout_s) trains the round it was sent, and says which.
 """
 from __future__ import annotations
 
+import secrets
 from typing import Optional
 
 from fedml.cross_silo.client.fedml_client_master_manager import ClientMasterManager
 from fedml.cross_silo.client.fedml_trainer_dist_adapter import TrainerDistAdapter
 from fedml.cross_silo.server.message_define import MyMessage
 
-from .common import KEY_TRAINED_ON, ClientCore
+from .common import KEY_ROUND, KEY_SESSION, KEY_TRAINED_ON, ClientCore
 from .silo_transport import _WatchfulMixin
 
 def client_trainer(model, args, core: ClientCore):
@@ -47,6 +52,7 @@ class FedDPDSiloClientManager(_WatchfulMixin, ClientMasterManager):
         self.core = core
         super().__init__(args, trainer_dist_adapter, comm, rank, size, backend)
         trainer_dist_adapter.train = core.timed(trainer_dist_adapter.train, self._announce)
+        self.session = secrets.token_hex(8)
 
     def _peers(self):
         return [0]
@@ -55,11 +61,20 @@ class FedDPDSiloClientManager(_WatchfulMixin, ClientMasterManager):
         print(f"client rank {self.rank}: trained round {self.round_idx} "
               f"(client {self.trainer_dist_adapter.trainer.client_index}, {seconds:.2f} s)", flush=True)
 
+    def handle_message_receive_model_from_server(self, msg_params):
+        # fedml_client_master_manager.py:131-155 trains round self.round_idx (its own count): take the server's.
+        self.round_idx = int(msg_params.get(KEY_ROUND))
+        super().handle_message_receive_model_from_server(msg_params)
+
     def send_message(self, message):
-        # The upload (fedml_client_master_manager.py:167-179) also says what this client trained on.
+        # The upload (fedml_client_master_manager.py:167-179) also says what this client trained on, and for
+        # which round (it is sent before :149 counts the round).
         if message.get_type() == MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER:
             cid = self.trainer_dist_adapter.trainer.client_index
             message.add_params(KEY_TRAINED_ON, self.core.report(cid))
+            message.add_params(KEY_ROUND, self.round_idx)
+        elif message.get_type() == MyMessage.MSG_TYPE_C2S_CLIENT_STATUS:
+            message.add_params(KEY_SESSION, self.session)
         super().send_message(message)
 
 

@@ -5,10 +5,18 @@ Supplements travel in FedML's per-client payload: when `ServerAggregator.aggrega
 88-102, fedml_server_manager.py:225-231, :314-332) and the client receives it in its trainer's
 `set_model_params` (silo_client.py). The server sleeps 5 s before it exits (fedml_server_manager.py:163):
 not here.
+
+With `comm_args.round_timeout_s` > 0 a round closes without the clients still silent that long after its
+models went out, or at once without those its model could not reach: FedML's handler
+(fedml_server_manager.py:174-251) waits for every client, so the round's close is ours (`_close_round`).
+Every model message carries its round (`KEY_ROUND`); an upload for another round is dropped with one line.
+A client that restarts announces a new session (`KEY_SESSION`) and gets the model at the next round start.
 """
 from __future__ import annotations
 
 import json
+import sys
+import time
 from collections import OrderedDict
 
 from fedml.core import ServerAggregator
@@ -16,9 +24,13 @@ from fedml.cross_silo.server.fedml_aggregator import FedMLAggregator
 from fedml.cross_silo.server.fedml_server_manager import FedMLServerManager
 from fedml.cross_silo.server.message_define import MyMessage
 
-from .common import KEY_TRAINED_ON, ServerCore
+from ..errors import PartyError, PartyTimeout
+from .common import KEY_ROUND, KEY_SESSION, KEY_TRAINED_ON, ServerCore
 from .silo_transport import _WatchfulMixin
 from .wire import encoded_size
+
+MODEL_MESSAGES = (MyMessage.MSG_TYPE_S2C_INIT_CONFIG, MyMessage.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT)
+RETRY_DOWN_CLIENT_S = 1.0  # with round_timeout_s: how long a refused model message to a client is retried
 
 class FedDPDServerAggregator(ServerAggregator):
     """The FedML ServerAggregator of every method: FedML-sp averaging and the FedDPD server step
@@ -71,6 +83,26 @@ class FedDPDSiloAggregator(FedMLAggregator):
         return list(self.data_silo_selection(self.args.round_idx, self.args.client_num_in_total,
                                              self.client_num))
 
+    def aggregate(self):
+        # fedml_aggregator.py:78-106 averages every index's latest upload, answered this round or not: here
+        # only this round's, so FedAvg's sample-count weights are renormalised over the clients that answered.
+        flags = self.flag_client_model_uploaded_dict
+        answered = [i for i in range(self.client_num) if flags[i]]
+        for i in range(self.client_num):
+            flags[i] = False
+        clients = self.core.round_clients  # this round's client per rank position
+        self.core.answered([clients[i] for i in answered], [c for i, c in enumerate(clients) if i not in answered])
+        model_list, idxes = self.aggregator.on_before_aggregation(
+            [(self.sample_num_dict[i], self.model_dict[i]) for i in answered])
+        averaged = self.aggregator.aggregate(model_list)
+        if type(averaged) is dict:  # per-client payloads (fedml_aggregator.py:90-97)
+            for client_index in range(len(averaged)):
+                averaged[client_index] = self.aggregator.on_after_aggregation(averaged[client_index])
+        else:
+            averaged = self.aggregator.on_after_aggregation(averaged)
+        self.set_global_model_params(averaged)
+        return averaged, model_list, [answered[i] for i in idxes]
+
     def test_on_server_for_all_clients(self, round_idx):
         # fedml_aggregator.py:183-219 tests through FedML's aggregator; record our metrics instead.
         self.core.end_round(round_idx)
@@ -80,46 +112,147 @@ class FedDPDSiloServerManager(_WatchfulMixin, FedMLServerManager):
     def __init__(self, args, aggregator, comm, rank, client_num, backend, core: ServerCore):
         self.core = core
         super().__init__(args, aggregator, comm, rank, client_num, backend)
+        self.round_timeout_s = float(getattr(args, "round_timeout_s", 0.0))
+        self.min_clients = int(getattr(args, "min_clients_per_round", 1))
+        self.reached: set[int] = set()  # ranks the open round's model reached
+        self.reached_round = -1
+        self.sessions: dict[int, str] = {}  # rank -> the session its latest ONLINE status named
+        self.deadline = None  # when the open round closes without the clients still silent
+        if self.round_timeout_s > 0:
+            self.com_manager.on_tick = self._on_tick
 
     def _peers(self):
         # called from FedMLCommManager.__init__, before fedml_server_manager.py:29 sets client_real_ids
         return [int(c) for c in json.loads(self.args.client_id_list)]
 
+    def _say(self, line: str) -> None:
+        print(f"feddpd: warning: server rank 0: {line}", file=sys.stderr, flush=True)
+
+    def _start_clock(self) -> None:
+        if self.round_timeout_s > 0:
+            self.deadline = time.monotonic() + self.round_timeout_s
+            self.com_manager.expendable = set(self.client_real_ids)  # a silent client misses rounds, no more
+
     def handle_message_receive_model_from_client(self, msg_params):
-        # fedml_server_manager.py:174-183 keeps the model and sample count; note bytes and the report.
-        report = msg_params.get(KEY_TRAINED_ON)
+        # fedml_server_manager.py:174-186 keeps the model and sample count, and closes the round once every
+        # client answered; here once every client the round's model reached answered. Notes bytes and report.
         sender = int(msg_params.get(MyMessage.MSG_ARG_KEY_SENDER))
-        cid = report["client"] if report else self.core.round_clients[self.client_real_ids.index(sender)]
-        self.core.received(self.args.round_idx, cid, msg_params.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS), report)
-        super().handle_message_receive_model_from_client(msg_params)
+        if msg_params.get(KEY_ROUND) != self.args.round_idx:
+            self._say(f"dropped client rank {sender}'s upload for round {msg_params.get(KEY_ROUND)}: round "
+                      f"{self.args.round_idx} is open (it came after comm_args.round_timeout_s)")
+            return
+        report = msg_params.get(KEY_TRAINED_ON)
+        position = self.client_real_ids.index(sender)
+        cid = report["client"] if report else self.core.round_clients[position]
+        model = msg_params.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS)
+        self.core.received(self.args.round_idx, cid, model, report)
+        self.aggregator.add_local_trained_result(position, model, msg_params.get(MyMessage.MSG_ARG_KEY_NUM_SAMPLES))
+        flags = self.aggregator.flag_client_model_uploaded_dict
+        if all(flags[self.client_real_ids.index(r)] for r in self.reached):
+            self._close_round()
+
+    def _on_tick(self):
+        if self.deadline is None or time.monotonic() < self.deadline:
+            return
+        self.deadline = None
+        if self.args.round_idx >= self.round_num:  # the last model went out; the silent ones will not finish
+            self._say(f"client rank(s) {', '.join(str(r) for r in sorted(self.reached - self._finished()))} did "
+                      f"not report finishing within comm_args.round_timeout_s; the run ends without them")
+            self.finish()
+            return
+        self._close_round()
+
+    def _close_round(self):
+        # fedml_server_manager.py:187-251 without its MLOps, wandb and Context calls: aggregate (only the
+        # uploads of this round), test, select the next round's clients, send each its model, count the round.
+        r, flags = self.args.round_idx, self.aggregator.flag_client_model_uploaded_dict
+        missing = [rank for i, rank in enumerate(self.client_real_ids) if not flags[i]]
+        if missing:
+            answered = len(self.client_real_ids) - len(missing)
+            if answered < self.min_clients:
+                raise PartyTimeout(f"round {r}: {answered} of {len(self.client_real_ids)} clients answered within "
+                                   f"comm_args.round_timeout_s = {self.round_timeout_s:g} s (missing client rank(s) "
+                                   f"{', '.join(map(str, missing))}); train_args.min_clients_per_round is "
+                                   f"{self.min_clients}")
+            self._say(f"round {r} goes on without client rank(s) {', '.join(map(str, missing))}: "
+                      f"averaging the {answered} upload(s) that came")
+        self.deadline = None
+        global_model_params, _, _ = self.aggregator.aggregate()
+        self.aggregator.test_on_server_for_all_clients(r)
+        self.client_id_list_in_this_round = self.aggregator.client_selection(
+            r, self.client_real_ids, self.args.client_num_per_round)
+        self.data_silo_index_list = self.aggregator.data_silo_selection(
+            r, self.args.client_num_in_total, len(self.client_id_list_in_this_round))
+        for receiver, client_index in zip(self.client_id_list_in_this_round, self.data_silo_index_list):
+            if type(global_model_params) is dict:
+                self.send_message_diff_sync_model_to_client(receiver, global_model_params[client_index], client_index)
+            else:
+                self.send_message_sync_model_to_client(receiver, global_model_params, client_index)
+        self.args.round_idx += 1
+        self._start_clock()
 
     def send_message(self, message):
         # Every model message leaves through here (fedml_server_manager.py:261-277, :292-332): count it.
-        kind = message.get_type()
-        if kind in (MyMessage.MSG_TYPE_S2C_INIT_CONFIG, MyMessage.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT):
+        kind, receiver = message.get_type(), int(message.get_receiver_id())
+        starts = None
+        if kind in MODEL_MESSAGES:
             # The init goes out at round 0; a sync after aggregating round r (before FedML's round counter
             # moves, :245) starts round r + 1.
             starts = 0 if kind == MyMessage.MSG_TYPE_S2C_INIT_CONFIG else self.args.round_idx + 1
             self.core.begin_round(starts, self.data_silo_index_list)
+            if starts != self.reached_round:
+                self.reached, self.reached_round = set(), starts
+            message.add_params(KEY_ROUND, starts)
+        if self.round_timeout_s > 0 and self.is_initialized and receiver != 0:
+            # a client that does not take its model now misses the round (a dead one refuses at once)
+            try:
+                self.com_manager.send_message(message, retry_s=min(RETRY_DOWN_CLIENT_S, self.round_timeout_s),
+                                              deadline_s=min(self.round_timeout_s, self.args.comm_timeout_s))
+            except PartyError:
+                self.core.forget_rank(receiver)  # what it held is unknown now
+                what = f"model of round {starts}" if starts is not None else f"{kind} message"
+                self._say(f"client rank {receiver} ({self.com_manager._address(receiver)}) did not take the {what}; "
+                          f"the run goes on without it")
+                return
+        else:
+            super().send_message(message)
+        if starts is not None:
+            self.reached.add(receiver)
             payload = message.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS)
             if type(payload) is dict:
                 self.core.sent_model(starts, payload["model"], payload["supplement"])
             else:
                 self.core.sent_model(starts, payload)
-        super().send_message(message)
 
     def process_online_status(self, client_status, msg_params):
         # fedml_server_manager.py:124-144 sends every client the init message again whenever one more
-        # ONLINE status arrives (a client answers both its own start and the server's status check).
+        # ONLINE status arrives (a client answers both its own start and the server's status check). An
+        # ONLINE with a new session after the start is a restarted client: with round_timeout_s it gets the
+        # model (and its newest supplement) at the next round start; without, the run stops.
+        sender = int(msg_params.get_sender_id())
+        session, before = msg_params.get(KEY_SESSION), self.sessions.get(sender)
+        self.sessions[sender] = session
         if self.is_initialized:
-            self.client_online_mapping[str(msg_params.get_sender_id())] = True
+            self.client_online_mapping[str(sender)] = True
+            if before is not None and session != before:
+                if self.round_timeout_s <= 0:
+                    raise PartyError(f"client rank {sender} restarted mid-run; with comm_args.round_timeout_s > 0 "
+                                     f"it would rejoin")
+                self.core.forget_rank(sender)
+                self._say(f"client rank {sender} rejoined (a new process); the next round start sends it the model")
             return
         super().process_online_status(client_status, msg_params)
+        if self.is_initialized:
+            self._start_clock()
+
+    def _finished(self) -> set[int]:
+        return {int(c) for c, done in self.client_finished_mapping.items() if done}
 
     def process_finished_status(self, client_status, msg_params):
-        # fedml_server_manager.py:146-164 without its `time.sleep(5)` (:163) and MLOps calls (offline here).
+        # fedml_server_manager.py:146-164 without its `time.sleep(5)` (:163) and MLOps calls (offline here);
+        # it waits for the clients the last model reached.
         self.client_finished_mapping[str(msg_params.get_sender_id())] = True
-        if all(self.client_finished_mapping.get(str(c), False) for c in self.client_id_list_in_this_round):
+        if self.reached <= self._finished():
             self.finish()
 
 

@@ -14,6 +14,9 @@ peer. Each override names the FedML line it answers:
   `comm_args.comm_timeout_s` stops the party with a one-line error naming that rank;
 * a send to a party that is not listening yet fails at once (:128-141): sends are retried until the peer
   answers or the timeout passes; `stub.sendMessage` has no deadline (:138): ours have one.
+
+With comm_args.round_timeout_s the server marks its clients `expendable` (their silence is no error) and
+closes rounds from `on_tick`, which the receive loop calls whenever its queue is empty (silo_server.py).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import sys
 import threading
 import time
 from concurrent import futures
-from typing import Optional
+from typing import Callable, Optional
 
 import grpc
 from fedml.core.distributed.communication.grpc import grpc_comm_manager_pb2 as pb
@@ -111,6 +114,8 @@ class WatchfulGRPCCommManager(GRPCCommManager):
         self.heard_from: set[int] = set()
         self.finished_peers: set[int] = set()
         self.dropped: list[str] = []
+        self.expendable: set[int] = set()  # peers whose silence is not an error (round_timeout_s, silo_server.py)
+        self.on_tick: Optional[Callable[[], None]] = None  # called on the receive thread between messages
         self._stop = threading.Event()
         self._beat_every = min(2.0, self.timeout_s / 4)
         self._heartbeat = threading.Thread(target=self._beat, name="feddpd-heartbeat", daemon=True)
@@ -136,13 +141,13 @@ class WatchfulGRPCCommManager(GRPCCommManager):
                 self._channels[rank] = channel
             return channel
 
-    def _forget_channel(self, rank: int) -> None:
+    def _forget_channel(self, rank: int, close: bool = True) -> None:
         with self._channels_lock:
             channel = self._channels.pop(rank, None)
-        if channel is not None:
+        if channel is not None and close:
             channel.close()
 
-    def _send_once(self, msg: Message) -> None:
+    def _send_once(self, msg: Message, deadline_s: Optional[float] = None) -> None:
         # grpc_comm_manager.py:104-141, with our encoding, credentials, cached channels and a deadline.
         me = self.grpc_mappings[self.client_rank]
         msg.add_params(GRPCCommManager.MSG_ARG_KEY_SENDER_RANK, self.client_rank)
@@ -150,7 +155,7 @@ class WatchfulGRPCCommManager(GRPCCommManager):
         msg.add_params(GRPCCommManager.MSG_ARG_KEY_SENDER_PORT, me.grpc_server_port)
         request = pb.CommRequest(client_id=self.client_rank, message=encode_message(msg))
         stub = pb_grpc.gRPCCommManagerStub(self._channel(int(msg.get_receiver_id())))
-        stub.sendMessage(request, timeout=self.timeout_s)
+        stub.sendMessage(request, timeout=self.timeout_s if deadline_s is None else deadline_s)
 
     def _beat(self):
         while not self._stop.wait(self._beat_every):
@@ -158,19 +163,24 @@ class WatchfulGRPCCommManager(GRPCCommManager):
                 if peer in self.finished_peers:
                     continue
                 try:
-                    self._send_once(Message(MSG_TYPE_HEARTBEAT, self.client_rank, peer))
-                except Exception:  # a silent peer is what the receive loop's timeout is for
-                    pass
+                    # a hung peer holds up the other peers' heartbeats for 10 s at most
+                    self._send_once(Message(MSG_TYPE_HEARTBEAT, self.client_rank, peer), min(self.timeout_s, 10.0))
+                except Exception:  # a silent peer is what the receive loop's timeout is for; a fresh channel
+                    # reaches it at once when it restarts (no reconnect backoff). Not closed here: the receive
+                    # thread may be sending on it; garbage collection closes it.
+                    self._forget_channel(peer, close=False)
 
-    def send_message(self, msg: Message):
+    def send_message(self, msg: Message, retry_s: Optional[float] = None, deadline_s: Optional[float] = None):
         # A peer that is not up yet (a client started before its server) fails at once: retry while it is
         # unavailable, on a fresh channel each time (a failed one waits out gRPC's reconnect backoff). A
-        # peer that does not answer in time is an error naming its rank.
-        deadline = time.monotonic() + self.timeout_s
+        # peer that does not answer in time is an error naming its rank. retry_s (how long to retry) and
+        # deadline_s (per call) default to comm_timeout_s; the server shortens both for a client it can do
+        # without (comm_args.round_timeout_s, silo_server.py).
+        deadline = time.monotonic() + (self.timeout_s if retry_s is None else retry_s)
         receiver = int(msg.get_receiver_id())
         while True:
             try:
-                return self._send_once(msg)
+                return self._send_once(msg, deadline_s)
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
                 if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline or self._stop.is_set():
@@ -218,31 +228,29 @@ class WatchfulGRPCCommManager(GRPCCommManager):
         q = self.grpc_servicer.message_q
         while self.is_running:
             try:
-                item = q.get(timeout=0.25)
+                msg = self.accept(q.get(timeout=0.25))
             except queue.Empty:
+                msg = None
+            if msg is not None:
+                sender = int(msg.get_sender_id())
+                self.last_heard[sender] = time.monotonic()
+                self.heard_from.add(sender)
+                msg_type = msg.get_type()
+                if msg_type != MSG_TYPE_HEARTBEAT:
+                    if msg_type == MyMessage.MSG_TYPE_C2S_CLIENT_STATUS and msg.get(
+                            MyMessage.MSG_ARG_KEY_CLIENT_STATUS) == FedMLServerManager.RUN_FINISHED_STATUS_FLAG:
+                        self.finished_peers.add(sender)  # done: its silence from now on is expected
+                    for observer in self._observers:
+                        observer.receive_message(msg_type, msg)
+            if q.empty() and self.is_running:  # what arrived is handled: time-outs next
                 self._check_peers()
-                continue
-            msg = self.accept(item)
-            if msg is None:
-                continue
-            sender = int(msg.get_sender_id())
-            self.last_heard[sender] = time.monotonic()
-            self.heard_from.add(sender)
-            msg_type = msg.get_type()
-            if msg_type == MSG_TYPE_HEARTBEAT:
-                continue
-            if msg_type == MyMessage.MSG_TYPE_C2S_CLIENT_STATUS and msg.get(
-                    MyMessage.MSG_ARG_KEY_CLIENT_STATUS) == FedMLServerManager.RUN_FINISHED_STATUS_FLAG:
-                self.finished_peers.add(sender)  # done: its silence from now on is expected
-            for observer in self._observers:
-                observer.receive_message(msg_type, msg)
-            if q.empty():
-                self._check_peers()
+                if self.on_tick is not None:
+                    self.on_tick()
 
     def _check_peers(self):
         now = time.monotonic()
         never = max(self.timeout_s, STARTUP_GRACE_S)
-        silent = [p for p, t in self.last_heard.items() if p not in self.finished_peers
+        silent = [p for p, t in self.last_heard.items() if p not in self.finished_peers | self.expendable
                   and now - t > (self.timeout_s if p in self.heard_from else never)]
         if silent:
             who = ", ".join(f"{self.role_of(p)} rank {p} ({self._address(p)})" for p in silent)

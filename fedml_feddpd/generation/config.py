@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+SAMPLERS = ("ddim", "dpm")  # diffusers' DDIMScheduler; DPMSolverMultistepScheduler (DPM-Solver++, order 2)
 # Module names of UNet2DModel that PEFT's LoRA can wrap (attention projections and resnet convs).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "time_emb_proj", "conv1", "conv2", "conv_shortcut")
 
@@ -46,10 +47,12 @@ def check_guidance_scale(name: str, value) -> None:
 
 @dataclass
 class GeneratorConfig:
-    """Class-conditional diffusers UNet and its schedulers; defaults fit 8x8 digits."""
+    """Class-conditional diffusers UNet and its schedulers. The dataclass defaults fit 8x8 digits; a run's
+    config takes the image shape and classes from its dataset and the sizes from SHAPE_DEFAULTS
+    (`for_data`), and every field can still be set under `generator:`."""
 
     num_classes: int = 10
-    sample_size: int = 8
+    sample_size: Union[int, List[int]] = 8   # H (square) or [H, W]
     in_channels: int = 1
     block_out_channels: Tuple[int, ...] = (32, 64)
     layers_per_block: int = 1
@@ -63,6 +66,7 @@ class GeneratorConfig:
     ema_decay: float = 0.995
     label_dropout: float = 0.1
     sample_steps: int = 50
+    sampler: str = "ddim"  # how pool and supplements are sampled (SAMPLERS); sampling-only, not in the cache key
     # Classifier-free guidance at sampling: eps_null + w * (eps_class - eps_null), w >= 1; 1 = off (one UNet pass per
     # step, as before); w != 1 needs the null class that label_dropout > 0 trains and costs 2 passes per step.
     # Sampling-only: not in the cache key. 1.5 chosen on validation data by `bench_generator.py --guidance`.
@@ -72,7 +76,8 @@ class GeneratorConfig:
 
     def __post_init__(self):
         p = "generator"
-        for name, minimum in (("num_classes", 1), ("sample_size", 1), ("in_channels", 1), ("layers_per_block", 1),
+        self.sample_size = _check_size(self.sample_size)
+        for name, minimum in (("num_classes", 1), ("in_channels", 1), ("layers_per_block", 1),
                               ("norm_num_groups", 1), ("attention_head_dim", 1), ("train_timesteps", 2),
                               ("pretrain_steps", 0), ("pretrain_batch_size", 1), ("sample_steps", 1)):
             _int(p, name, getattr(self, name), minimum)
@@ -85,13 +90,15 @@ class GeneratorConfig:
             raise ValueError(f"{p}.block_out_channels: expected a non-empty list of integers divisible by "
                              f"norm_num_groups ({self.norm_num_groups}) and attention_head_dim "
                              f"({self.attention_head_dim}), got {list(chans)!r}")
-        if self.sample_size % (2 ** (len(chans) - 1)):
-            raise ValueError(f"{p}.sample_size: expected a multiple of {2 ** (len(chans) - 1)} "
-                             f"(one halving per extra block), got {self.sample_size}")
+        if any(side % (2 ** (len(chans) - 1)) for side in self.image_shape[1:]):
+            raise ValueError(f"{p}.block_out_channels: {len(chans)} blocks halve the image {len(chans) - 1} times, so "
+                             f"height and width must be multiples of {2 ** (len(chans) - 1)}; got "
+                             f"{'x'.join(map(str, self.image_shape[1:]))} (use fewer blocks)")
         if self.sample_steps > self.train_timesteps:
             raise ValueError(f"{p}.sample_steps: expected an integer <= train_timesteps "
                              f"({self.train_timesteps}), got {self.sample_steps}")
         _choice(p, "beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        _choice(p, "sampler", self.sampler, SAMPLERS)
         _positive(p, "pretrain_lr", self.pretrain_lr)
         _unit(p, "ema_decay", self.ema_decay, closed_top=False)
         _unit(p, "label_dropout", self.label_dropout, closed_top=False)
@@ -105,6 +112,26 @@ class GeneratorConfig:
         if not isinstance(self.cache_dir, str) or not self.cache_dir:
             raise ValueError(f"{p}.cache_dir: expected a non-empty path, got {self.cache_dir!r}")
 
+    @classmethod
+    def for_data(cls, shape, classes: int, **given) -> "GeneratorConfig":
+        """The config for images of `shape` (C, H, W) in `classes` classes: sizes from SHAPE_DEFAULTS, then the
+        keys the YAML sets. A YAML value for a key the data decides must agree with the data."""
+        c, h, w = shape
+        data = {"num_classes": classes, "in_channels": c, "sample_size": h if h == w else [h, w]}
+        for key, value in data.items():
+            norm = _check_size if key == "sample_size" else (lambda v: v)
+            if key in given and norm(given[key]) != norm(value):
+                raise ValueError(f"generator.{key}: the dataset's images are {c}x{h}x{w} in {classes} classes, "
+                                 f"so expected {value!r} (or leave it out), got {given[key]!r}")
+        return cls(**{**shape_defaults(h, w), **data, **given})
+
+    @property
+    def image_shape(self) -> Tuple[int, int, int]:
+        """(C, H, W) of the images it generates."""
+        size = self.sample_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return self.in_channels, h, w
+
     @property
     def null_class(self) -> int:
         """Label used for label dropout (unconditional); the UNet embeds num_classes + 1 labels."""
@@ -113,7 +140,35 @@ class GeneratorConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["block_out_channels"] = list(self.block_out_channels)
+        if not isinstance(self.sample_size, int):
+            d["sample_size"] = list(self.sample_size)
         return d
+
+
+def shape_defaults(height: int, width: int) -> dict:
+    """Generator sizes per image size, chosen for 2 CPU cores (docs/DESIGN.md, "The generator"): 8x8 digits
+    keep the two-block UNet; 28x28 and 32x32 get three narrow blocks (0.7 M parameters, ~0.6 s per batch-128
+    training step and ~640 image-steps/s of sampling at 28x28 on 2 cores)."""
+    if max(height, width) <= 16:
+        return {"block_out_channels": (32, 64), "pretrain_steps": 1200}
+    return {"block_out_channels": (16, 32, 64), "pretrain_steps": 2000}
+
+
+def image_shape_of(unet_config) -> Tuple[int, int, int]:
+    """(C, H, W) a diffusers UNet2DModel config generates (its sample_size is an int or [H, W])."""
+    size = unet_config.sample_size
+    h, w = (size, size) if isinstance(size, int) else size
+    return unet_config.in_channels, int(h), int(w)
+
+
+def _check_size(size):
+    """sample_size: a positive int (square) or [H, W] of positive ints; a square [H, H] becomes H."""
+    ok_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+    if ok_int(size):
+        return size
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(ok_int(v) for v in size):
+        return size[0] if size[0] == size[1] else [int(size[0]), int(size[1])]
+    raise ValueError(f"generator.sample_size: expected a positive integer or [height, width], got {size!r}")
 
 
 @dataclass
@@ -129,9 +184,13 @@ class DPOSettings:
     lora_alpha: float = 4
     target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
     seed: int = 0
+    # continue a client's adapter from its last round's weights (checkpoints keep them) instead of a fresh one
+    warm_start: bool = False
 
     def __post_init__(self):
         p = "dpo_args"
+        if not isinstance(self.warm_start, bool):
+            raise ValueError(f"{p}.warm_start: expected true or false, got {self.warm_start!r}")
         _positive(p, "beta", self.beta)
         _choice(p, "loss_type", self.loss_type, LOSS_TYPES)
         _positive(p, "learning_rate", self.learning_rate)

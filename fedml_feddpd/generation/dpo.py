@@ -35,7 +35,7 @@ from trl.trainer.base_trainer import _BaseTrainer  # noqa: E402
 
 from ..errors import ConfigError  # noqa: E402
 from .adapters import adapters_disabled, add_adapter, has_adapter, set_active_adapter  # noqa: E402
-from .config import LOSS_TYPES, DPOSettings  # noqa: E402
+from .config import LOSS_TYPES, DPOSettings, image_shape_of  # noqa: E402
 
 # The TRL releases whose DPOTrainer internals this module is written against; setup.py pins the same range.
 SUPPORTED_TRL = "trl>=1.0,<1.17"
@@ -216,7 +216,7 @@ def dpo_config(settings: DPOSettings, output_dir: str, use_cpu: bool = True, pro
 
 def _check_pairs(chosen, rejected, labels, unet) -> None:
     c = unet.config
-    shape = (c.in_channels, c.sample_size, c.sample_size)
+    shape = image_shape_of(c)
     for name, t in (("chosen", chosen), ("rejected", rejected)):
         if not torch.is_tensor(t) or t.ndim != 4 or tuple(t.shape[1:]) != shape:
             raise ValueError(f"train_dpo_adapter: {name} must be a (N, {', '.join(map(str, shape))}) tensor, "

@@ -42,7 +42,7 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 ARCH_KEYS = ("sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block", "norm_num_groups",
              "down_block_types", "up_block_types", "attention_head_dim", "num_class_embeds")
 # Fields that do not change the trained weights, so changing them must not invalidate a cache.
-_NOT_IN_KEY = ("sample_steps", "guidance_scale", "pretrained", "cache_dir")
+_NOT_IN_KEY = ("sample_steps", "sampler", "guidance_scale", "pretrained", "cache_dir")
 
 
 @dataclass
@@ -83,7 +83,7 @@ def _file_sha256(path: str) -> str:
 
 
 def _check_data(images: torch.Tensor, labels: torch.Tensor, cfg: GeneratorConfig) -> None:
-    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    shape = cfg.image_shape
     if images.ndim != 4 or tuple(images.shape[1:]) != shape:
         raise ValueError(f"generator data: expected images of shape (N, {', '.join(map(str, shape))}), "
                          f"got {tuple(images.shape)}")
@@ -185,10 +185,12 @@ def _cache_lock(folder: str, key: str):
 
 
 def train_unet(cfg: GeneratorConfig, images: torch.Tensor, labels: torch.Tensor, seed: int = 0,
-               progress: bool = True) -> tuple:
-    """Denoising training with label dropout and EMA; returns (EMA UNet, scheduler, last-100-step mean loss)."""
+               progress: bool = True, device="cpu") -> tuple:
+    """Denoising training with label dropout and EMA on `device`; returns (EMA UNet on the CPU, scheduler,
+    last-100-step mean loss). Every random draw comes from a CPU generator, so the draws do not depend on
+    the device (the arithmetic does, slightly)."""
     torch.manual_seed(seed)
-    unet, scheduler = build_unet(cfg), build_train_scheduler(cfg)
+    unet, scheduler = build_unet(cfg).to(device), build_train_scheduler(cfg)
     gen = torch.Generator().manual_seed(seed)
     x_all = images.to(torch.float32) * 2.0 - 1.0
     y_all = labels.to(torch.int64)
@@ -206,6 +208,7 @@ def train_unet(cfg: GeneratorConfig, images: torch.Tensor, labels: torch.Tensor,
         y[torch.rand(len(y), generator=gen) < cfg.label_dropout] = cfg.null_class
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
+        x0, y, noise, t = x0.to(device), y.to(device), noise.to(device), t.to(device)
         loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t, class_labels=y).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -218,7 +221,7 @@ def train_unet(cfg: GeneratorConfig, images: torch.Tensor, labels: torch.Tensor,
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
     ema.copy_to(unet.parameters())
     final = sum(losses[-100:]) / len(losses[-100:]) if losses else None
-    return unet, scheduler, final
+    return unet.to("cpu"), scheduler, final
 
 
 def _null_class(unet: GeneratorUNet, cfg: GeneratorConfig) -> Optional[int]:
@@ -233,7 +236,7 @@ def _frozen(unet: GeneratorUNet) -> GeneratorUNet:
 
 
 def load_or_pretrain_generator(cfg: GeneratorConfig, images: torch.Tensor, labels: torch.Tensor, seed: int = 0,
-                               progress: bool = True) -> ServerGenerator:
+                               progress: bool = True, device="cpu") -> ServerGenerator:
     """The server's generator: `cfg.pretrained` if set, else a cached or freshly trained UNet on (images, labels).
 
     images: float32 (N, C, H, W) in [0, 1]; labels: int64 (N,) in 0..num_classes-1 (the public split).
@@ -256,7 +259,7 @@ def load_or_pretrain_generator(cfg: GeneratorConfig, images: torch.Tensor, label
         # (entries appear whole by rename, so a present folder is complete).
         with _cache_lock(folder, key):
             if not os.path.isdir(folder):
-                unet, scheduler, final = train_unet(cfg, images, labels, seed, progress)
+                unet, scheduler, final = train_unet(cfg, images, labels, seed, progress, device)
                 meta = {"key": key, "format": CACHE_FORMAT, "seed": seed,
                         "data_sha256": data_fingerprint(images, labels), "generator_config": cfg.to_dict(),
                         "final_loss": final, "steps": cfg.pretrain_steps}

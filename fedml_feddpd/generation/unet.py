@@ -5,10 +5,10 @@ import json
 import os
 from typing import Union
 
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from diffusers.loaders.peft import PeftAdapterMixin
 
-from .config import GeneratorConfig
+from .config import SAMPLERS, GeneratorConfig, image_shape_of
 
 
 class GeneratorUNet(UNet2DModel, PeftAdapterMixin):
@@ -36,10 +36,17 @@ def build_train_scheduler(cfg: GeneratorConfig) -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=cfg.train_timesteps, beta_schedule=cfg.beta_schedule)
 
 
-def build_sample_scheduler(cfg_or_scheduler: Union[GeneratorConfig, DDPMScheduler, DDIMScheduler]) -> DDIMScheduler:
-    """DDIM sharing the training noise schedule (a config or any diffusers scheduler of the same model)."""
+def build_sample_scheduler(cfg_or_scheduler: Union[GeneratorConfig, DDPMScheduler, DDIMScheduler],
+                           sampler: str = "ddim"):
+    """DDIM (or "dpm": DPM-Solver++, order 2) sharing the training noise schedule (a config or any diffusers
+    scheduler of the same model)."""
     if isinstance(cfg_or_scheduler, GeneratorConfig):
         cfg_or_scheduler = build_train_scheduler(cfg_or_scheduler)
+    if sampler == "dpm":
+        return DPMSolverMultistepScheduler.from_config(cfg_or_scheduler.config, algorithm_type="dpmsolver++",
+                                                       solver_order=2)
+    if sampler != "ddim":
+        raise ValueError(f"generator.sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
     return DDIMScheduler.from_config(cfg_or_scheduler.config)
 
 
@@ -76,8 +83,9 @@ def check_matches(unet: UNet2DModel, cfg: GeneratorConfig) -> None:
     """Raise ValueError if a loaded UNet cannot serve this config (image shape, class count)."""
     c = unet.config
     problems = []
-    if c.sample_size != cfg.sample_size:
-        problems.append(f"sample_size {c.sample_size} != {cfg.sample_size}")
+    if image_shape_of(c)[1:] != cfg.image_shape[1:]:
+        problems.append(f"image size {'x'.join(map(str, image_shape_of(c)[1:]))} != "
+                        f"{'x'.join(map(str, cfg.image_shape[1:]))}")
     if c.in_channels != cfg.in_channels or c.out_channels != cfg.in_channels:
         problems.append(f"channels {c.in_channels}->{c.out_channels} != {cfg.in_channels}")
     if c.num_class_embeds is None or c.num_class_embeds < cfg.num_classes:

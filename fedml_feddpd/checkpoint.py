@@ -1,4 +1,5 @@
-"""Checkpoint every round into the run folder, and resume a killed run to the same result (sp backend).
+"""Checkpoint every round into the run folder, and resume a killed run to the same result (sp, and the gRPC
+server, where distributed.common.ServerCore plays the sp API's part: see its checkpoint methods).
 
 A checkpoint holds everything the rest of the run depends on: the global model, the round index, the
 metrics recorded so far, the supplements each client holds, the shuffling state of every client's
@@ -35,9 +36,11 @@ INCOMPLETE = "INCOMPLETE"
 # Keys that change how a run is executed or where it is written, not what it computes.
 NEUTRAL_KEYS = {("run_args", "output_dir"), ("run_args", "torch_threads"), ("run_args", "generator_threads"),
                 ("run_args", "checkpoint_every"), ("comm_args", "tls"), ("comm_args", "allow_insecure"),
-                # they act only when a gRPC client drops out (gRPC does not resume); with every client answering,
-                # as on sp and MPI, the numbers do not depend on them
-                ("comm_args", "round_timeout_s"), ("train_args", "min_clients_per_round")}
+                # they act only when a gRPC client drops out; with every client answering, as on sp and MPI,
+                # the numbers do not depend on them
+                ("comm_args", "round_timeout_s"), ("train_args", "min_clients_per_round"),
+                # where the gRPC parties listen and how long they wait: a resumed server may move or wait longer
+                ("comm_args", "grpc_ipconfig_path"), ("comm_args", "comm_timeout_s")}
 
 
 def _run_identity(sections: dict) -> dict:
@@ -82,6 +85,24 @@ def read_finished(directory: Path, cfg) -> dict | None:
         raise CheckpointError(f"{path} was made by another config ({_first_difference(theirs, mine, 'that run')}); "
                               "expected the same config: move or delete that folder to run it again")
     return result
+
+
+def refuse_unresumable(cfg, out: Path) -> None:
+    """--resume of a method whose state checkpoints do not hold: one line (CheckpointError)."""
+    method = methods.get(cfg["federated_optimizer"])
+    if not method.can_resume(cfg.sections):
+        raise CheckpointError(f"--resume: {method.name} keeps server or client state that checkpoints do not "
+                              f"hold, so it writes none; expected a finished run in {out}: run without --resume")
+
+
+def resume_command(cfg, directory) -> str:
+    """How to continue the unfinished run in `directory` (the INCOMPLETE note)."""
+    if cfg["backend"] == "GRPC":
+        return (f"  python -m fedml_feddpd silo-local --cf CONFIG --out {directory} --resume\n"
+                f"or restart the server with\n"
+                f"  python -m fedml_feddpd silo --role server --rank 0 --cf CONFIG --out {directory} --resume\n"
+                f"and any client that stopped, as before\n")
+    return f"  python -m fedml_feddpd run --cf CONFIG --out {directory} --resume\n"
 
 
 def read_checkpoint(directory: Path, cfg) -> dict | None:
@@ -130,11 +151,12 @@ class Checkpointer:
             "round": round_idx,
             "global_model": {k: v.detach().clone() for k, v in api.model_trainer.get_model_params().items()},
             "records": exp.recorder.records,
-            "loader_rng": {cid: loader.generator.get_state() for cid, loader in api.train_data_local_dict.items()
-                           if getattr(loader, "generator", None) is not None},
+            "loader_rng": self._loader_states(),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             "elapsed_seconds": self.elapsed_before + time.perf_counter() - exp.started,
             "server_step": None,
+            # the gRPC server's own part (ServerCore.checkpoint_state); sp has none
+            "backend": api.checkpoint_state() if hasattr(api, "checkpoint_state") else None,
         }
         if step is not None:
             state["server_step"] = {
@@ -146,11 +168,17 @@ class Checkpointer:
         self.directory.mkdir(parents=True, exist_ok=True)
         marker = self.directory / INCOMPLETE
         if not marker.exists():
-            marker.write_text("This run has not finished: resume it with\n"
-                              f"  python -m fedml_feddpd run --cf CONFIG --out {self.directory} --resume\n")
+            marker.write_text("This run has not finished: resume it with\n" + resume_command(exp.cfg, self.directory))
         tmp = self.path.with_name(f".{CHECKPOINT}.{os.getpid()}.tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.path)
+
+    def _loader_states(self) -> dict:
+        api = self.exp.api
+        if hasattr(api, "loader_states"):  # gRPC: as the clients reported them after their latest round
+            return api.loader_states()
+        return {cid: loader.generator.get_state() for cid, loader in api.train_data_local_dict.items()
+                if getattr(loader, "generator", None) is not None}
 
     def restore(self, state: dict) -> int:
         """Put the experiment back where the checkpoint left it; returns the next round to run."""
@@ -171,8 +199,11 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint {self.path} {exc}; delete it to start over") from None
             for cid, (images, labels, stats) in saved["delivered"].items():
                 step.deliver_supplement(cid, Supplement(images, labels, stats))
-        for cid, rng_state in state["loader_rng"].items():
-            api.train_data_local_dict[cid].generator.set_state(rng_state)
+        if hasattr(api, "restore_checkpoint_state"):  # gRPC: the clients' states go back to them in messages
+            api.restore_checkpoint_state(state)
+        else:
+            for cid, rng_state in state["loader_rng"].items():
+                api.train_data_local_dict[cid].generator.set_state(rng_state)
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])

@@ -45,10 +45,15 @@ def _add_silo_verbs(verbs) -> None:
     silo.add_argument("--ipconfig", default=None, help="ip config CSV (overrides comm_args.grpc_ipconfig_path)")
     silo.add_argument("--out", default=None, help="server: output folder (default: <output_dir>/<config>_seed<seed>)")
     silo.add_argument("--no-progress", action="store_true")
+    silo.add_argument("--resume", action="store_true",
+                      help="server: continue the unfinished run in the output folder from its last checkpoint "
+                           "(clients need no flag: it is accepted and ignored)")
     local = verbs.add_parser("silo-local", help="a gRPC cross-silo run: server and clients as processes on 127.0.0.1")
     local.add_argument("--cf", required=True)
     local.add_argument("--out", default=None)
     local.add_argument("--no-progress", action="store_true")
+    local.add_argument("--resume", action="store_true",
+                       help="continue the unfinished run in the output folder from its last checkpoint")
     certs = verbs.add_parser("certs", help="a CA and one TLS certificate + key per gRPC party (comm_args.tls)")
     certs.add_argument("--out", help="folder to write ca.pem, ca.key, rank<r>.pem, rank<r>.key into")
     certs.add_argument("--parties", help="number of parties: the server (rank 0) + client_num_per_round clients")
@@ -106,11 +111,12 @@ def _silo(args) -> int:
         if args.verb == "silo":
             from .distributed.silo import run_silo_party
 
-            result = run_silo_party(cfg, args.role, args.rank, args.out, args.ipconfig, not args.no_progress)
+            result = run_silo_party(cfg, args.role, args.rank, args.out, args.ipconfig, not args.no_progress,
+                                    resume=args.resume)
         else:
             from .distributed.silo_local import run_silo_local
 
-            result = run_silo_local(cfg, args.out, not args.no_progress)
+            result = run_silo_local(cfg, args.out, not args.no_progress, resume=args.resume)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"feddpd: error: {exc}", file=sys.stderr)
         code = 2

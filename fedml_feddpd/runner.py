@@ -11,10 +11,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from . import methods
-from .checkpoint import read_checkpoint, read_finished
+from .checkpoint import read_checkpoint, read_finished, refuse_unresumable
 from .config import RunConfig
-from .errors import CheckpointError
 from .experiment import execute, prepare
 from .outputs import default_out_dir, finished_result, write_outputs
 
@@ -46,10 +44,7 @@ def run(cfg: RunConfig, out_dir: Optional[str | os.PathLike] = None, show_progre
     if resume:
         if read_finished(out, cfg) is not None:
             return finished_result(out, base_cfg is not None and base_dir)
-        method = methods.get(cfg["federated_optimizer"])
-        if not method.can_resume(cfg.sections):
-            raise CheckpointError(f"--resume: {method.name} keeps server or client state that checkpoints do not "
-                                  f"hold, so it writes none; expected a finished run in {out}: run without --resume")
+        refuse_unresumable(cfg, out)
         # unreadable checkpoints or ones from another config stop here, before any work
         state = read_checkpoint(out, cfg)
         if base_cfg is not None:

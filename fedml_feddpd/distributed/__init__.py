@@ -8,12 +8,12 @@ from ..errors import ConfigError
 
 def run_distributed(cfg, out_dir=None, show_progress: bool = True, resume: bool = False):
     """`python -m fedml_feddpd run` with a non-sp backend: one MPI rank, or a whole local gRPC run."""
-    if resume:
-        raise ConfigError(f"--resume: checkpoints are written on backend sp only, got backend {cfg['backend']}")
     if cfg["backend"] == "MPI":
+        if resume:  # docs/BACKENDS.md, "Crashes and --resume": FedML's MPI client counts rounds itself
+            raise ConfigError("--resume: checkpoints are written on backends sp and GRPC, got backend MPI")
         from .mpi import run_mpi
 
         return run_mpi(cfg, out_dir, show_progress)
     from .silo_local import run_silo_local
 
-    return run_silo_local(cfg, out_dir, show_progress)
+    return run_silo_local(cfg, out_dir, show_progress, resume)

@@ -17,14 +17,17 @@ from typing import Callable, Optional
 from ..errors import PartyError
 from ..experiment import Experiment, Party, RoundRecorder, execute, open_party, server_step
 
-__all__ = ["ClientCore", "KEY_ROUND", "KEY_SESSION", "KEY_SUPPLEMENT", "KEY_TRAINED_ON", "Party", "PartyError",
-           "ServerCore", "open_party"]
+__all__ = ["ClientCore", "KEY_CLIENT_STATE", "KEY_ROUND", "KEY_SESSION", "KEY_SUPPLEMENT", "KEY_TRAINED_ON", "Party",
+           "PartyError", "ServerCore", "open_party"]
 
 # Extra message keys our manager subclasses add to FedML's messages.
 KEY_SUPPLEMENT = "feddpd_supplement"      # server -> client: the client's new supplement (or absent)
 KEY_TRAINED_ON = "feddpd_trained_on"      # client -> server: what the client trained on this round, its seconds
 KEY_ROUND = "feddpd_round"                # gRPC, both ways: the round a model message starts or answers
 KEY_SESSION = "feddpd_session"            # gRPC client -> server status: one id per client process (a restart)
+# gRPC client -> server, with each upload when the server checkpoints: the trained client's loader shuffle state
+# and the client process's torch RNG state after the round; sent back in the first message of a resumed run.
+KEY_CLIENT_STATE = "feddpd_client_state"
 
 
 def supplement_digest(supplement) -> Optional[str]:
@@ -93,14 +96,66 @@ class ServerCore:
         self.reports: dict[int, dict] = {}        # round -> {client id: what it trained on}
         self.loop: Optional[Callable[[], None]] = None  # the backend's FedML message loop
         self._round_sent = 0.0
+        # --resume (gRPC): the backend sets `resumable` when its messages can restart a round; `resume_round` is
+        # the round a resumed run starts with; `client_state` is what each client reported after its latest
+        # round (KEY_CLIENT_STATE), which checkpoints hold and a resumed run sends back.
+        self.resumable = False
+        self.resume_round = 0
+        self.client_state: dict[int, dict] = {}
 
     # --- RoundRecorder / execute interface -------------------------------------------------------
     def train_from(self, start_round: int = 0) -> None:
+        if start_round and not self.resumable:
+            raise PartyError("resuming from a checkpoint is supported on backends sp and GRPC only")
+        self.resume_round = start_round
         if start_round:
-            raise PartyError("resuming from a checkpoint is supported on backend sp only")
+            self.party.args.round_idx = start_round  # FedML's cross-silo server counts rounds in args.round_idx
         self.loop()
 
     train = train_from
+
+    # --- checkpoints (checkpoint.Checkpointer reads the sp API's names: model_trainer, loader states) ---------
+    @property
+    def model_trainer(self):
+        return self
+
+    def get_model_params(self):
+        return self.party.model.cpu().state_dict()
+
+    def set_model_params(self, params) -> None:
+        self.party.model.load_state_dict(params)
+
+    def loader_states(self) -> dict:
+        """Each client's loader shuffle state after the latest round it trained (what sp saves of its loaders)."""
+        return {cid: s["loader"] for cid, s in sorted(self.client_state.items()) if s.get("loader") is not None}
+
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint holds beyond sp's: the clients' torch RNG states and the distributed records."""
+        return {"client_torch_rng": {cid: s["torch"] for cid, s in self.client_state.items() if "torch" in s},
+                "comm": self.comm, "reports": self.reports, "delivered_log": self.delivered_log}
+
+    def restore_checkpoint_state(self, state: dict) -> None:
+        extra = state.get("backend") or {}
+        loaders, torch_rng = state["loader_rng"], extra.get("client_torch_rng", {})
+        self.client_state = {int(cid): {"loader": loaders.get(cid), **({"torch": torch_rng[cid]} if cid in torch_rng
+                                                                        else {})}
+                             for cid in set(loaders) | set(torch_rng)}
+        self.comm = dict(extra.get("comm", {}))
+        self.reports = dict(extra.get("reports", {}))
+        # Checkpointer.restore re-delivered the supplements (self._keep) under round -1: the saved log replaces that
+        self.delivered_log = dict(extra.get("delivered_log", {}))
+
+    def resume_payload(self, rank: int, cid: int, model_state, supplement: bool = True) -> dict:
+        """The message payload that starts a resumed run for client `cid` on `rank`: the global model, the
+        client's newest supplement (whatever the rank held before is unknown) and its saved client state."""
+        self.forget_rank(rank)
+        state = dict(self.client_state.get(int(cid)) or {}) or None
+        if state is not None and (self.delivered_log.get(self.resume_round - 1) or {}).get(int(cid)) is not None:
+            # its supplement was made after the checkpointed round: the uninterrupted run delivered it now, to a
+            # fresh loader (trainer.with_supplement), so the saved shuffle state of the loader before does not apply
+            state["loader"] = None
+        return {"client": int(cid), "model": model_state,
+                "supplement": self.outgoing(rank, cid) if supplement else None, "client_state": state}
 
     # --- round bookkeeping -------------------------------------------------------------------------
     def _comm(self, round_idx: int) -> dict:
@@ -150,7 +205,10 @@ class ServerCore:
         if round_idx != self.round_idx:
             self.start_round(round_idx, clients)
 
-    def received(self, round_idx: int, cid: int, model_state, report: Optional[dict]) -> None:
+    def received(self, round_idx: int, cid: int, model_state, report: Optional[dict],
+                 client_state: Optional[dict] = None) -> None:
+        if client_state is not None:
+            self.client_state[int(cid)] = client_state
         c = self._comm(round_idx)
         c["up_model_bytes"] += self.size_of(model_state)
         c["messages_up"] += 1
@@ -178,8 +236,10 @@ class ServerCore:
         self.recorder(round_idx)
 
     # --- result ---------------------------------------------------------------------------------------
-    def result(self, backend: str) -> dict:
-        result = execute(self.experiment)
+    def result(self, backend: str, checkpoint_dir=None, state: Optional[dict] = None) -> dict:
+        """Run to the end (checkpointing into `checkpoint_dir`, continuing from a checkpoint's `state`) and
+        collect execute's result with the distributed records."""
+        result = execute(self.experiment, checkpoint_dir, state)
         for record in result["rounds"]:
             r = record["round"]
             record["comm"] = self.comm.get(r)
@@ -214,6 +274,25 @@ class ClientCore:
 
     def deliver(self, cid: int, supplement) -> None:
         self.delivery(cid, supplement)
+
+    def state_of(self, cid: int) -> dict:
+        """What a resumed run needs of this client after its round (KEY_CLIENT_STATE): the loader's shuffle
+        state (the round's epochs drew from it) and this process's torch RNG state. Neither holds data: both
+        follow from the run seed and the rounds trained."""
+        import torch
+
+        generator = getattr(self.loaders[int(cid)], "generator", None)
+        return {"loader": generator.get_state() if generator is not None else None, "torch": torch.get_rng_state()}
+
+    def restore_state(self, cid: int, state: dict) -> None:
+        """Put client `cid`'s loader (after its supplement was delivered) and this process's torch RNG where the
+        checkpointed round left them."""
+        import torch
+
+        if state.get("loader") is not None:
+            self.loaders[int(cid)].generator.set_state(state["loader"])
+        if state.get("torch") is not None:
+            torch.set_rng_state(state["torch"])
 
     def timed(self, train, announce=None):
         """Wrap a FedML trainer's `train(...)`: its seconds go into this client's next report (and to

@@ -3,6 +3,7 @@
     python -m fedml_feddpd silo --role server --rank 0 --cf CONFIG      # one party
     python -m fedml_feddpd silo --role client --rank 1 --cf CONFIG
     python -m fedml_feddpd silo-local --cf CONFIG                       # server + clients on 127.0.0.1
+    ... --resume (silo-local, or the server's silo): continue from the server's last checkpoint
 
 FedML's cross-silo server and client managers run the rounds; our subclasses are split by role:
 silo_transport.py (the gRPC comm manager), silo_server.py, silo_client.py, and silo_local.py (the local
@@ -11,12 +12,14 @@ launcher). This module starts one party.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
 
+from ..checkpoint import CHECKPOINT, read_checkpoint, read_finished, refuse_unresumable
 from ..errors import PartyError
-from ..outputs import default_out_dir, write_outputs
+from ..outputs import default_out_dir, finished_result, write_outputs
 from .common import open_party
 from .ipconfig import check_party, generate_ipconfig, read_ipconfig
 from .tls import transport_security
@@ -34,13 +37,37 @@ def resolve_ipconfig(cfg, override: Optional[str] = None, folder: Optional[str] 
     return str(generate_ipconfig(folder, parties, fixed_ports=True))
 
 
+def server_resume_state(cfg, out: Path, resume: bool):
+    """The server's start: ("finished", result) for a finished run in `out` under --resume, else ("state",
+    the checkpoint to continue from or None). A method checkpoints cannot hold, an unreadable checkpoint or
+    one of another config stop here in one line (CheckpointError), before any party starts."""
+    if not resume:
+        if (out / CHECKPOINT).is_file():
+            print(f"feddpd: {out} holds an unfinished run; starting over (pass --resume to continue it)",
+                  file=sys.stderr, flush=True)
+        return "state", None
+    if read_finished(out, cfg) is not None:
+        return "finished", finished_result(out, None)
+    refuse_unresumable(cfg, out)
+    return "state", read_checkpoint(out, cfg)
+
+
 def run_silo_party(cfg, role: str, rank: int, out_dir=None, ipconfig: Optional[str] = None,
-                   show_progress: bool = True, args=None, data=None, model=None):
+                   show_progress: bool = True, args=None, data=None, model=None, resume: bool = False):
     """One cross-silo party, to the end of the run. The server returns the result dict and writes the
     outputs; a client returns None. Failures raise PartyError (one line) after gRPC is stopped.
-    `args`, `data`, `model`: from FedML's own entry points (fedml_plugin.py)."""
+    `args`, `data`, `model`: from FedML's own entry points (fedml_plugin.py). `resume`: the server continues
+    from the checkpoint in its output folder (a client needs nothing: the server sends it the resumed round)."""
     clients = cfg["client_num_per_round"]
     check_party(role, rank, clients)
+    out = Path(out_dir) if out_dir else default_out_dir(cfg)
+    state = None
+    if role == "server":
+        kind, state = server_resume_state(cfg, out, resume)
+        if kind == "finished":
+            print(f"feddpd: {out} holds a finished run; nothing to resume (clients started for it stop after "
+                  f"comm_args.comm_timeout_s)", file=sys.stderr, flush=True)
+            return state
     path = resolve_ipconfig(cfg, ipconfig)
     # mutual TLS (comm_args.tls), or plaintext where allowed; a one-line ConfigError before FedML starts
     tls = transport_security(cfg, read_ipconfig(path, clients + 1), rank, path)
@@ -55,8 +82,8 @@ def run_silo_party(cfg, role: str, rank: int, out_dir=None, ipconfig: Optional[s
         if role == "server":
             from .silo_server import run_server
 
-            result = run_server(party, clients, show_progress)
-            write_outputs(Path(out_dir) if out_dir else default_out_dir(cfg), result, cfg)
+            result = run_server(party, clients, show_progress, out, state)
+            write_outputs(out, result, cfg)
             return result
         from .silo_client import run_client
 

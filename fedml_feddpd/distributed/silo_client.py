@@ -6,6 +6,10 @@ trainer trains on the loader that the payload just installed.
 Each client process names a session in its status messages, so that the server tells a restart from a
 repeated ONLINE; a model message names its round (FedML's client counts rounds itself, :125-149), so that
 a client that rejoins mid-run (comm_args.round_timeout_s) trains the round it was sent, and says which.
+
+When the server checkpoints, each upload also carries the client's state after the round (KEY_CLIENT_STATE: its
+loader's shuffle state, this process's torch RNG state); a resumed server sends it back with the first model,
+so a client started again (or still running) trains the resumed round as the uninterrupted run would have.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from fedml.cross_silo.client.fedml_client_master_manager import ClientMasterMana
 from fedml.cross_silo.client.fedml_trainer_dist_adapter import TrainerDistAdapter
 from fedml.cross_silo.server.message_define import MyMessage
 
-from .common import KEY_ROUND, KEY_SESSION, KEY_TRAINED_ON, ClientCore
+from .common import KEY_CLIENT_STATE, KEY_ROUND, KEY_SESSION, KEY_TRAINED_ON, ClientCore
 from .silo_transport import _WatchfulMixin
 
 def client_trainer(model, args, core: ClientCore):
@@ -34,6 +38,8 @@ def client_trainer(model, args, core: ClientCore):
                 if model_parameters["supplement"] is not None:
                     core.deliver(model_parameters["client"], model_parameters["supplement"])
                 self.current = int(model_parameters["client"])
+                if model_parameters.get("client_state") is not None:  # a resumed run's first round
+                    core.restore_state(self.current, model_parameters["client_state"])
                 model_parameters = model_parameters["model"]
             super().set_model_params(model_parameters)
 
@@ -53,6 +59,8 @@ class FedDPDSiloClientManager(_WatchfulMixin, ClientMasterManager):
         super().__init__(args, trainer_dist_adapter, comm, rank, size, backend)
         trainer_dist_adapter.train = core.timed(trainer_dist_adapter.train, self._announce)
         self.session = secrets.token_hex(8)
+        party = core.party
+        self.sends_state = bool(party.cfg["checkpoint_every"]) and party.method.can_resume(party.cfg.sections)
 
     def _peers(self):
         return [0]
@@ -73,6 +81,8 @@ class FedDPDSiloClientManager(_WatchfulMixin, ClientMasterManager):
             cid = self.trainer_dist_adapter.trainer.client_index
             message.add_params(KEY_TRAINED_ON, self.core.report(cid))
             message.add_params(KEY_ROUND, self.round_idx)
+            if self.sends_state:  # what a checkpoint needs of this client (--resume)
+                message.add_params(KEY_CLIENT_STATE, self.core.state_of(cid))
         elif message.get_type() == MyMessage.MSG_TYPE_C2S_CLIENT_STATUS:
             message.add_params(KEY_SESSION, self.session)
         super().send_message(message)

@@ -70,12 +70,19 @@ def _last_error(log: Path) -> str:
     return errors[-1][len("feddpd: error:"):].strip() if errors else (lines[-1].strip() if lines else "no output")
 
 
-def run_silo_local(cfg, out_dir=None, show_progress: bool = True) -> dict:
+def run_silo_local(cfg, out_dir=None, show_progress: bool = True, resume: bool = False) -> dict:
     """Start the server and one process per client on this machine, wait for all of them, return the
     server's result. Each party is `python -m fedml_feddpd silo ...`; their logs go to a folder that is
-    kept when the run fails. No party outlives this call."""
+    kept when the run fails. No party outlives this call. `resume`: the server continues from the checkpoint
+    in `out_dir` (the clients start afresh; the server sends them what they need)."""
     clients = cfg["client_num_per_round"]
     out = Path(out_dir) if out_dir else default_out_dir(cfg)
+    # a finished run, a method checkpoints cannot hold, a bad checkpoint: before any party starts
+    from .silo import server_resume_state
+
+    kind, found = server_resume_state(cfg, out, resume)
+    if kind == "finished":
+        return found
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.silo-", dir=out.parent))  # party logs, kept on failure
     if cfg["grpc_ipconfig_path"]:
@@ -100,7 +107,7 @@ def run_silo_local(cfg, out_dir=None, show_progress: bool = True) -> dict:
         cmd = [sys.executable, "-m", "fedml_feddpd", "silo", "--role", role, "--rank", str(rank),
                "--cf", str(configs[rank]), "--ipconfig", csv_path]
         if role == "server":
-            cmd += ["--out", str(out)]
+            cmd += ["--out", str(out)] + (["--resume"] if resume else [])
         if role != "server" or not show_progress:
             cmd.append("--no-progress")
         logs[rank] = work / f"rank{rank}_{role}.log"

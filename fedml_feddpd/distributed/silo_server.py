@@ -11,6 +11,12 @@ models went out, or at once without those its model could not reach: FedML's han
 (fedml_server_manager.py:174-251) waits for every client, so the round's close is ours (`_close_round`).
 Every model message carries its round (`KEY_ROUND`); an upload for another round is dropped with one line.
 A client that restarts announces a new session (`KEY_SESSION`) and gets the model at the next round start.
+
+--resume: the server checkpoints like sp (checkpoint.Checkpointer over ServerCore). Each upload carries the
+client's state after the round (`KEY_CLIENT_STATE`: its loader's shuffle state and its torch RNG state), which
+checkpoints hold. A resumed server starts the checkpoint's next round with sync messages, not FedML's init
+(a client still running from before ignores a second init, fedml_client_master_manager.py:103-105), each
+carrying the client's newest supplement and its saved state, so the clients go on as if never interrupted.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from fedml.cross_silo.server.fedml_server_manager import FedMLServerManager
 from fedml.cross_silo.server.message_define import MyMessage
 
 from ..errors import PartyError, PartyTimeout
-from .common import KEY_ROUND, KEY_SESSION, KEY_TRAINED_ON, ServerCore
+from .common import KEY_CLIENT_STATE, KEY_ROUND, KEY_SESSION, KEY_TRAINED_ON, ServerCore
 from .silo_transport import _WatchfulMixin
 from .wire import encoded_size
 
@@ -118,6 +124,7 @@ class FedDPDSiloServerManager(_WatchfulMixin, FedMLServerManager):
         self.reached_round = -1
         self.sessions: dict[int, str] = {}  # rank -> the session its latest ONLINE status named
         self.deadline = None  # when the open round closes without the clients still silent
+        self.resume_sending = None  # the round the resumed run's first messages start (send_init_msg)
         if self.round_timeout_s > 0:
             self.com_manager.on_tick = self._on_tick
 
@@ -141,11 +148,15 @@ class FedDPDSiloServerManager(_WatchfulMixin, FedMLServerManager):
             self._say(f"dropped client rank {sender}'s upload for round {msg_params.get(KEY_ROUND)}: round "
                       f"{self.args.round_idx} is open (it came after comm_args.round_timeout_s)")
             return
+        if sender not in self.reached:  # e.g. trained for the server before a restart (--resume)
+            self._say(f"dropped client rank {sender}'s upload for round {msg_params.get(KEY_ROUND)}: this server did "
+                      f"not send it that round's model")
+            return
         report = msg_params.get(KEY_TRAINED_ON)
         position = self.client_real_ids.index(sender)
         cid = report["client"] if report else self.core.round_clients[position]
         model = msg_params.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS)
-        self.core.received(self.args.round_idx, cid, model, report)
+        self.core.received(self.args.round_idx, cid, model, report, msg_params.get(KEY_CLIENT_STATE))
         self.aggregator.add_local_trained_result(position, model, msg_params.get(MyMessage.MSG_ARG_KEY_NUM_SAMPLES))
         flags = self.aggregator.flag_client_model_uploaded_dict
         if all(flags[self.client_real_ids.index(r)] for r in self.reached):
@@ -198,7 +209,8 @@ class FedDPDSiloServerManager(_WatchfulMixin, FedMLServerManager):
         if kind in MODEL_MESSAGES:
             # The init goes out at round 0; a sync after aggregating round r (before FedML's round counter
             # moves, :245) starts round r + 1.
-            starts = 0 if kind == MyMessage.MSG_TYPE_S2C_INIT_CONFIG else self.args.round_idx + 1
+            starts = (0 if kind == MyMessage.MSG_TYPE_S2C_INIT_CONFIG else self.resume_sending
+                      if self.resume_sending is not None else self.args.round_idx + 1)
             self.core.begin_round(starts, self.data_silo_index_list)
             if starts != self.reached_round:
                 self.reached, self.reached_round = set(), starts
@@ -223,6 +235,28 @@ class FedDPDSiloServerManager(_WatchfulMixin, FedMLServerManager):
                 self.core.sent_model(starts, payload["model"], payload["supplement"])
             else:
                 self.core.sent_model(starts, payload)
+
+    def send_init_msg(self):
+        # fedml_server_manager.py:48-67 sends every client the init message of round 0. A resumed run starts
+        # round `start` as _close_round starts any round after the first: the same silo selection (FedML draws
+        # round r + 1's with r, :211-216) and a sync message per client, with its newest supplement and its
+        # state after round start - 1 (ServerCore.resume_payload).
+        start = self.core.resume_round
+        if not start:
+            return super().send_init_msg()
+        self.client_id_list_in_this_round = self.aggregator.client_selection(
+            start - 1, self.client_real_ids, self.args.client_num_per_round)
+        self.data_silo_index_list = self.aggregator.data_silo_selection(
+            start - 1, self.args.client_num_in_total, len(self.client_id_list_in_this_round))
+        model = self.aggregator.get_global_model_params()
+        self.resume_sending = start
+        try:
+            for receiver, client_index in zip(self.client_id_list_in_this_round, self.data_silo_index_list):
+                # after the last round the clients only need the model to finish (no supplement)
+                payload = self.core.resume_payload(receiver, client_index, model, supplement=start < self.round_num)
+                self.send_message_diff_sync_model_to_client(receiver, payload, client_index)
+        finally:
+            self.resume_sending = None
 
     def process_online_status(self, client_status, msg_params):
         # fedml_server_manager.py:124-144 sends every client the init message again whenever one more
@@ -256,11 +290,13 @@ class FedDPDSiloServerManager(_WatchfulMixin, FedMLServerManager):
             self.finish()
 
 
-def run_server(party, clients: int, show_progress: bool) -> dict:
-    """Rank 0 to the end of the run: the result dict (execute's, plus communication bytes)."""
+def run_server(party, clients: int, show_progress: bool, out_dir=None, state=None) -> dict:
+    """Rank 0 to the end of the run: the result dict (execute's, plus communication bytes). Checkpoints go
+    into `out_dir` (run_args.checkpoint_every); with a checkpoint's `state` the run continues from it."""
     args = party.args
     [train_num, _, train_global, test_global, local_num, local_train, local_test, _] = party.data.fedml_dataset
     core = ServerCore(party, show_progress, size_of=encoded_size)
+    core.resumable = True
     holder = {}
     server_aggregator = FedDPDServerAggregator(party.model, args, core, next_clients=lambda: holder["agg"].next_clients())
     server_aggregator.set_id(0)
@@ -270,7 +306,7 @@ def run_server(party, clients: int, show_progress: bool) -> dict:
     manager = FedDPDSiloServerManager(args, aggregator, None, 0, clients, "GRPC", core)
     core.loop = manager.run
     try:
-        result = core.result("GRPC")
+        result = core.result("GRPC", out_dir, state)
         # what the transport refused (silo_transport.py): one line each, naming the caller's address
         result["messages_dropped"] = list(manager.com_manager.dropped)
         return result

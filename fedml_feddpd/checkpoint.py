@@ -1,5 +1,5 @@
 """Checkpoint every round into the run folder, and resume a killed run to the same result (sp, and the gRPC
-server, where distributed.common.ServerCore plays the sp API's part: see its checkpoint methods).
+server and MPI rank 0, where distributed.common.ServerCore plays the sp API's part: see its checkpoint methods).
 
 A checkpoint holds everything the rest of the run depends on: the global model, the round index, the
 metrics recorded so far, the supplements each client holds, the shuffling state of every client's
@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import random
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -102,7 +103,28 @@ def resume_command(cfg, directory) -> str:
                 f"or restart the server with\n"
                 f"  python -m fedml_feddpd silo --role server --rank 0 --cf CONFIG --out {directory} --resume\n"
                 f"and any client that stopped, as before\n")
+    if cfg["backend"] == "MPI":
+        return (f"  mpirun -np {cfg['client_num_per_round'] + 1} python -m fedml_feddpd run --cf CONFIG "
+                f"--out {directory} --resume\n(the mpirun command that started it, with --resume)\n")
     return f"  python -m fedml_feddpd run --cf CONFIG --out {directory} --resume\n"
+
+
+def server_resume_state(cfg, out: Path, resume: bool):
+    """The server's start (the gRPC server, MPI rank 0): ("finished", result) for a finished run in `out` under
+    --resume, else ("state", the checkpoint to continue from or None). A method checkpoints cannot hold, an
+    unreadable checkpoint or one of another config stop here in one line (CheckpointError), before any party
+    starts."""
+    if not resume:
+        if (out / CHECKPOINT).is_file():
+            print(f"feddpd: {out} holds an unfinished run; starting over (pass --resume to continue it)",
+                  file=sys.stderr, flush=True)
+        return "state", None
+    if read_finished(out, cfg) is not None:
+        from .outputs import finished_result
+
+        return "finished", finished_result(out, None)
+    refuse_unresumable(cfg, out)
+    return "state", read_checkpoint(out, cfg)
 
 
 def read_checkpoint(directory: Path, cfg) -> dict | None:
@@ -155,7 +177,7 @@ class Checkpointer:
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             "elapsed_seconds": self.elapsed_before + time.perf_counter() - exp.started,
             "server_step": None,
-            # the gRPC server's own part (ServerCore.checkpoint_state); sp has none
+            # the gRPC / MPI server's own part (ServerCore.checkpoint_state); sp has none
             "backend": api.checkpoint_state() if hasattr(api, "checkpoint_state") else None,
         }
         if step is not None:
@@ -175,7 +197,7 @@ class Checkpointer:
 
     def _loader_states(self) -> dict:
         api = self.exp.api
-        if hasattr(api, "loader_states"):  # gRPC: as the clients reported them after their latest round
+        if hasattr(api, "loader_states"):  # gRPC, MPI: as the clients reported them after their latest round
             return api.loader_states()
         return {cid: loader.generator.get_state() for cid, loader in api.train_data_local_dict.items()
                 if getattr(loader, "generator", None) is not None}
@@ -199,7 +221,7 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint {self.path} {exc}; delete it to start over") from None
             for cid, (images, labels, stats) in saved["delivered"].items():
                 step.deliver_supplement(cid, Supplement(images, labels, stats))
-        if hasattr(api, "restore_checkpoint_state"):  # gRPC: the clients' states go back to them in messages
+        if hasattr(api, "restore_checkpoint_state"):  # gRPC, MPI: the clients' states go back in messages
             api.restore_checkpoint_state(state)
         else:
             for cid, rng_state in state["loader_rng"].items():

@@ -184,7 +184,8 @@ def test_server_killed_and_restarted_while_its_clients_wait(grpc_reference):
 
 
 def test_resume_refusals_are_one_line(tmp_path, config_dict, capsys):
-    """silo-local --resume of a checkpoint of another config stops before any party starts; MPI refuses --resume."""
+    """silo-local --resume of a checkpoint of another config stops before any party starts (MPI's refusals:
+    test_resume_mpi.py)."""
     from fedml_feddpd.checkpoint import CHECKPOINT, FORMAT, _run_identity
     from fedml_feddpd.cli import main
     from fedml_feddpd.config import validate
@@ -205,10 +206,3 @@ def test_resume_refusals_are_one_line(tmp_path, config_dict, capsys):
     assert err == (f"feddpd: error: checkpoint {out / 'checkpoint.pt'} was written by another config "
                    "(train_args.learning_rate: checkpoint has 0.1, config has 0.05); expected the same config to resume")
     assert sorted(os.listdir(out)) == ["checkpoint.pt"]
-
-    raw["common_args"]["training_type"] = "simulation"
-    raw["comm_args"] = {"backend": "MPI"}
-    cf.write_text(yaml.safe_dump(raw))
-    assert main(["run", "--cf", str(cf), "--out", str(out), "--resume", "--no-progress"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "feddpd: error: --resume: checkpoints are written on backends sp and GRPC, got backend MPI")

@@ -3,17 +3,13 @@
 `ipconfig.py`). What both share lives in `common.py`."""
 from __future__ import annotations
 
-from ..errors import ConfigError
-
 
 def run_distributed(cfg, out_dir=None, show_progress: bool = True, resume: bool = False):
     """`python -m fedml_feddpd run` with a non-sp backend: one MPI rank, or a whole local gRPC run."""
     if cfg["backend"] == "MPI":
-        if resume:  # docs/BACKENDS.md, "Crashes and --resume": FedML's MPI client counts rounds itself
-            raise ConfigError("--resume: checkpoints are written on backends sp and GRPC, got backend MPI")
         from .mpi import run_mpi
 
-        return run_mpi(cfg, out_dir, show_progress)
+        return run_mpi(cfg, out_dir, show_progress, resume)
     from .silo_local import run_silo_local
 
     return run_silo_local(cfg, out_dir, show_progress, resume)

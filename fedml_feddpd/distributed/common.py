@@ -23,10 +23,11 @@ __all__ = ["ClientCore", "KEY_CLIENT_STATE", "KEY_ROUND", "KEY_SESSION", "KEY_SU
 # Extra message keys our manager subclasses add to FedML's messages.
 KEY_SUPPLEMENT = "feddpd_supplement"      # server -> client: the client's new supplement (or absent)
 KEY_TRAINED_ON = "feddpd_trained_on"      # client -> server: what the client trained on this round, its seconds
-KEY_ROUND = "feddpd_round"                # gRPC, both ways: the round a model message starts or answers
+KEY_ROUND = "feddpd_round"                # gRPC, both ways: the round a model message starts or answers; MPI:
+                                          # the round the first message of a resumed run starts
 KEY_SESSION = "feddpd_session"            # gRPC client -> server status: one id per client process (a restart)
-# gRPC client -> server, with each upload when the server checkpoints: the trained client's loader shuffle state
-# and the client process's torch RNG state after the round; sent back in the first message of a resumed run.
+# client -> server (gRPC, MPI), with each upload when the server checkpoints: the trained client's loader shuffle
+# state and the client process's torch RNG state after the round; sent back in the first message of a resumed run.
 KEY_CLIENT_STATE = "feddpd_client_state"
 
 
@@ -96,7 +97,7 @@ class ServerCore:
         self.reports: dict[int, dict] = {}        # round -> {client id: what it trained on}
         self.loop: Optional[Callable[[], None]] = None  # the backend's FedML message loop
         self._round_sent = 0.0
-        # --resume (gRPC): the backend sets `resumable` when its messages can restart a round; `resume_round` is
+        # --resume (gRPC, MPI): the backend sets `resumable` when its messages can restart a round; `resume_round` is
         # the round a resumed run starts with; `client_state` is what each client reported after its latest
         # round (KEY_CLIENT_STATE), which checkpoints hold and a resumed run sends back.
         self.resumable = False
@@ -106,7 +107,7 @@ class ServerCore:
     # --- RoundRecorder / execute interface -------------------------------------------------------
     def train_from(self, start_round: int = 0) -> None:
         if start_round and not self.resumable:
-            raise PartyError("resuming from a checkpoint is supported on backends sp and GRPC only")
+            raise PartyError("resuming from a checkpoint is supported on backends sp, MPI and GRPC only")
         self.resume_round = start_round
         if start_round:
             self.party.args.round_idx = start_round  # FedML's cross-silo server counts rounds in args.round_idx
@@ -145,17 +146,21 @@ class ServerCore:
         # Checkpointer.restore re-delivered the supplements (self._keep) under round -1: the saved log replaces that
         self.delivered_log = dict(extra.get("delivered_log", {}))
 
-    def resume_payload(self, rank: int, cid: int, model_state, supplement: bool = True) -> dict:
-        """The message payload that starts a resumed run for client `cid` on `rank`: the global model, the
-        client's newest supplement (whatever the rank held before is unknown) and its saved client state."""
-        self.forget_rank(rank)
+    def resume_state(self, cid: int) -> Optional[dict]:
+        """Client `cid`'s saved state for the first round of a resumed run (KEY_CLIENT_STATE), None if none."""
         state = dict(self.client_state.get(int(cid)) or {}) or None
         if state is not None and (self.delivered_log.get(self.resume_round - 1) or {}).get(int(cid)) is not None:
             # its supplement was made after the checkpointed round: the uninterrupted run delivered it now, to a
             # fresh loader (trainer.with_supplement), so the saved shuffle state of the loader before does not apply
             state["loader"] = None
+        return state
+
+    def resume_payload(self, rank: int, cid: int, model_state, supplement: bool = True) -> dict:
+        """The gRPC payload that starts a resumed run for client `cid` on `rank`: the global model, the client's
+        newest supplement (whatever the rank held before is unknown) and its saved client state."""
+        self.forget_rank(rank)
         return {"client": int(cid), "model": model_state,
-                "supplement": self.outgoing(rank, cid) if supplement else None, "client_state": state}
+                "supplement": self.outgoing(rank, cid) if supplement else None, "client_state": self.resume_state(cid)}
 
     # --- round bookkeeping -------------------------------------------------------------------------
     def _comm(self, round_idx: int) -> dict:

@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoint import CHECKPOINT, read_checkpoint, read_finished, refuse_unresumable
+from ..checkpoint import server_resume_state  # noqa: F401 (silo_local imports it from here)
 from ..errors import PartyError
-from ..outputs import default_out_dir, finished_result, write_outputs
+from ..outputs import default_out_dir, write_outputs
 from .common import open_party
 from .ipconfig import check_party, generate_ipconfig, read_ipconfig
 from .tls import transport_security
@@ -35,21 +35,6 @@ def resolve_ipconfig(cfg, override: Optional[str] = None, folder: Optional[str] 
         return os.path.abspath(path)
     folder = folder or tempfile.mkdtemp(prefix="feddpd-grpc-")
     return str(generate_ipconfig(folder, parties, fixed_ports=True))
-
-
-def server_resume_state(cfg, out: Path, resume: bool):
-    """The server's start: ("finished", result) for a finished run in `out` under --resume, else ("state",
-    the checkpoint to continue from or None). A method checkpoints cannot hold, an unreadable checkpoint or
-    one of another config stop here in one line (CheckpointError), before any party starts."""
-    if not resume:
-        if (out / CHECKPOINT).is_file():
-            print(f"feddpd: {out} holds an unfinished run; starting over (pass --resume to continue it)",
-                  file=sys.stderr, flush=True)
-        return "state", None
-    if read_finished(out, cfg) is not None:
-        return "finished", finished_result(out, None)
-    refuse_unresumable(cfg, out)
-    return "state", read_checkpoint(out, cfg)
 
 
 def run_silo_party(cfg, role: str, rank: int, out_dir=None, ipconfig: Optional[str] = None,

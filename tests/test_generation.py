@@ -151,9 +151,9 @@ def test_unguided_sampling_is_the_old_path_bit_for_bit_with_one_scheduler(tmp_pa
     labels = torch.tensor([0, 0, 2, 2, 2, 3, 9])
     calls = []
 
-    def counting(arg):
+    def counting(arg, *rest):
         calls.append(arg)
-        return build_sample_scheduler(arg)
+        return build_sample_scheduler(arg, *rest)
 
     monkeypatch.setattr(sampling, "build_sample_scheduler", counting)
     for source in (cfg, build_train_scheduler(cfg)):

@@ -29,11 +29,11 @@ import torch.nn.functional as F  # noqa: E402
 
 
 def unused_real(cfg, pool):
-    """Images of the pool outside the run's max_per_class subsample (drawn as partition.py draws it)."""
-    labels = pool.labels.numpy()
-    rng = np.random.default_rng(cfg["public_seed"])
-    rest = [rng.permutation(np.flatnonzero(labels == c))[cfg["max_per_class"]:] for c in range(10)]
-    return np.concatenate(rest)
+    """Images of the pool outside the run's max_per_class subsample (the draw partition.py makes)."""
+    from fedml_feddpd.data.partition import class_subsample
+
+    _, left_out = class_subsample(pool.labels.numpy(), 10, cfg["public_seed"], cfg["max_per_class"])
+    return np.concatenate(left_out)
 
 
 def train_judge(x, y, epochs=3, seed=0):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedml_feddpd.data import build_digits, dirichlet_partition, imbalanced_class_sizes, split_public_train_test
+from fedml_feddpd.data import build_federated, dirichlet_partition, imbalanced_class_sizes, split_public_train_test
 from fedml_feddpd.data.digits import load_digits_tensors
 
 
@@ -76,7 +76,7 @@ def test_build_digits_is_fedml_8_tuple(make_config):
     from types import SimpleNamespace
 
     cfg = make_config()
-    data = build_digits(SimpleNamespace(**cfg.flat))
+    data = build_federated(SimpleNamespace(**cfg.flat))
     train_num, test_num, train_g, test_g, local_num, local_train, local_test, class_num = data.fedml_dataset
     assert class_num == 10 and sorted(local_num) == [0, 1, 2, 3]
     assert sum(local_num.values()) == train_num

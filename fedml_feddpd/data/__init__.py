@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from .partition import (Splits, dirichlet_partition, homogeneous_partition, imbalanced_class_sizes,
-                        label_histograms, natural_partition, split_by_writers, split_public_train_test)
+                        class_subsample, label_histograms, natural_partition, split_by_writers,
+                        split_public_train_test)
 from .spaces import ModelSpace
 
 
@@ -56,20 +57,20 @@ def build_federated(args) -> FederatedData:
     try:
         if args.partition_method == "natural":
             splits = split_by_writers(labels.numpy(), pool.writers, num_classes, *fractions, public_seed=public_seed)
-            parts = natural_partition(pool.writers[splits.train], args.client_num_in_total,
-                                      args.min_client_size, seed)
         else:
             splits = split_public_train_test(labels.numpy(), num_classes, *fractions, public_seed=public_seed,
                                              max_per_class=getattr(args, "max_per_class", 0))
-            train_labels = labels[splits.train].numpy()
-            if args.partition_method == "hetero":
-                parts = dirichlet_partition(train_labels, args.client_num_in_total, num_classes,
-                                            args.partition_alpha, args.min_client_size, seed)
-            else:
-                parts = homogeneous_partition(len(train_labels), args.client_num_in_total, seed)
+        train_labels = labels[splits.train].numpy()
+        if args.partition_method == "natural":
+            parts = natural_partition(pool.writers[splits.train], args.client_num_in_total,
+                                      args.min_client_size, seed)
+        elif args.partition_method == "hetero":
+            parts = dirichlet_partition(train_labels, args.client_num_in_total, num_classes,
+                                        args.partition_alpha, args.min_client_size, seed)
+        else:
+            parts = homogeneous_partition(len(train_labels), args.client_num_in_total, seed)
     except ValueError as exc:  # sizes that cannot be met: a config problem, reported in one line
         raise ConfigError(str(exc)) from None
-    train_labels = labels[splits.train].numpy()
     x_train, y_train = space.to_model(images[splits.train]), labels[splits.train]
     x_test, y_test = space.to_model(images[splits.test]), labels[splits.test]
     local_train, local_num = {}, {}
@@ -90,9 +91,6 @@ def build_federated(args) -> FederatedData:
                          client_histograms=label_histograms(train_labels, parts, num_classes), space=space)
 
 
-build_digits = build_federated  # the digits benchmark is one dataset among the others
-
-
 def load_federated_data(args) -> FederatedData:
     return build_federated(args)
 
@@ -102,5 +100,5 @@ def from_fedml(dataset, class_num: int) -> FederatedData:
     return FederatedData(list(dataset), class_num, test_batches=dataset[3], train_batches=dataset[2])
 
 
-__all__ = ["FederatedData", "ModelSpace", "Splits", "build_federated", "from_fedml", "load_federated_data", "build_digits", "dirichlet_partition",
-           "homogeneous_partition", "imbalanced_class_sizes", "label_histograms", "natural_partition", "split_by_writers", "split_public_train_test"]
+__all__ = ["FederatedData", "ModelSpace", "Splits", "build_federated", "from_fedml", "load_federated_data", "dirichlet_partition",
+           "homogeneous_partition", "imbalanced_class_sizes", "class_subsample", "label_histograms", "natural_partition", "split_by_writers", "split_public_train_test"]

@@ -43,10 +43,7 @@ def split_public_train_test(labels: np.ndarray, num_classes: int, public_fractio
     the server's data, and the generator cached for it, stay the same across run seeds; `seed` then
     draws the rest. `public_seed=None` draws everything from `seed`.
     """
-    prng = np.random.default_rng(seed if public_seed is None else public_seed)
-    per_class = [prng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
-    if max_per_class:
-        per_class = [idx[:max_per_class] for idx in per_class]
+    per_class, _ = class_subsample(labels, num_classes, seed if public_seed is None else public_seed, max_per_class)
     n_public = [int(round(public_fraction * len(idx))) for idx in per_class]
     public = [idx[:n] for idx, n in zip(per_class, n_public)]
     rest = [idx[n:] for idx, n in zip(per_class, n_public)]
@@ -54,6 +51,15 @@ def split_public_train_test(labels: np.ndarray, num_classes: int, public_fractio
         rng = np.random.default_rng(seed)
         rest = [rng.permutation(idx) for idx in rest]
     return _long_tail_cut(public, rest, test_fraction, imbalance_factor, validation_fraction, oracle_fraction)
+
+
+def class_subsample(labels: np.ndarray, num_classes: int, seed: int, max_per_class: int = 0):
+    """Each class's indices in a seeded order, cut to `max_per_class` (0 = all): (kept, left out), per class.
+    split_public_train_test draws the public split from the kept ones, in this order."""
+    rng = np.random.default_rng(seed)
+    order = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
+    cut = max_per_class or None
+    return [idx[:cut] for idx in order], [idx[cut:] if cut else idx[:0] for idx in order]
 
 
 def _long_tail_cut(public: list, rest: list, test_fraction: float, imbalance_factor: float,

@@ -48,7 +48,7 @@ def check_guidance_scale(name: str, value) -> None:
 @dataclass
 class GeneratorConfig:
     """Class-conditional diffusers UNet and its schedulers. The dataclass defaults fit 8x8 digits; a run's
-    config takes the image shape and classes from its dataset and the sizes from SHAPE_DEFAULTS
+    config takes the image shape and classes from its dataset and the sizes from shape_defaults
     (`for_data`), and every field can still be set under `generator:`."""
 
     num_classes: int = 10
@@ -114,7 +114,7 @@ class GeneratorConfig:
 
     @classmethod
     def for_data(cls, shape, classes: int, **given) -> "GeneratorConfig":
-        """The config for images of `shape` (C, H, W) in `classes` classes: sizes from SHAPE_DEFAULTS, then the
+        """The config for images of `shape` (C, H, W) in `classes` classes: sizes from shape_defaults, then the
         keys the YAML sets. A YAML value for a key the data decides must agree with the data."""
         c, h, w = shape
         data = {"num_classes": classes, "in_channels": c, "sample_size": h if h == w else [h, w]}
@@ -128,9 +128,7 @@ class GeneratorConfig:
     @property
     def image_shape(self) -> Tuple[int, int, int]:
         """(C, H, W) of the images it generates."""
-        size = self.sample_size
-        h, w = (size, size) if isinstance(size, int) else size
-        return self.in_channels, h, w
+        return image_shape_of(self)
 
     @property
     def null_class(self) -> int:
@@ -155,7 +153,7 @@ def shape_defaults(height: int, width: int) -> dict:
 
 
 def image_shape_of(unet_config) -> Tuple[int, int, int]:
-    """(C, H, W) a diffusers UNet2DModel config generates (its sample_size is an int or [H, W])."""
+    """(C, H, W) a diffusers UNet2DModel config or a GeneratorConfig generates (sample_size: an int or [H, W])."""
     size = unet_config.sample_size
     h, w = (size, size) if isinstance(size, int) else size
     return unet_config.in_channels, int(h), int(w)

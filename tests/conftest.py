@@ -45,3 +45,37 @@ def make_config(config_dict):
         return validate(config_dict, "test.yaml")
 
     return make
+
+
+# The kill hook of the resume tests, imported by every process of a run through PYTHONPATH (sitecustomize.py):
+# right after writing the checkpoint of round FEDDPD_TEST_KILL_AFTER the process SIGKILLs itself, and first,
+# with FEDDPD_TEST_KILL_GROUP, its process group ("group": silo-local with its parties) or its session
+# ("session": the mpirun job, whose ranks each lead a group of their own), as `kill -9 -PGID` would.
+KILL_HOOK = """
+import os, signal
+if os.environ.get("FEDDPD_TEST_KILL_AFTER"):
+    from fedml_feddpd import checkpoint
+    save = checkpoint.Checkpointer.save
+    def save_then_die(self, round_idx):
+        save(self, round_idx)
+        if round_idx == int(os.environ["FEDDPD_TEST_KILL_AFTER"]):
+            target = os.environ.get("FEDDPD_TEST_KILL_GROUP")
+            if target:
+                os.killpg(os.getsid(0) if target == "session" else os.getpgrp(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+    checkpoint.Checkpointer.save = save_then_die
+"""
+
+
+def write_kill_hook(folder):
+    """folder/hooks/sitecustomize.py with KILL_HOOK; returns the hooks folder for hook_env."""
+    hooks = folder / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(KILL_HOOK)
+    return hooks
+
+
+def hook_env(hooks=None, **extra):
+    """The environment of a test's subprocess: the repository (and the hooks folder) on PYTHONPATH, 1 thread."""
+    path = [str(hooks)] if hooks else []
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path + [ROOT]), "OMP_NUM_THREADS": "1", **extra}

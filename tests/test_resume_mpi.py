@@ -20,30 +20,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT
+from conftest import hook_env as _env
+from conftest import write_kill_hook
 from test_distributed import _mpirun, _strip, _tiny_feddpd
 
 ROUNDS = 3  # a supplement after round 0; the kill after round 1 resumes into round 2 with it sent again
-# Imported by every rank (PYTHONPATH): rank 0 SIGKILLs mpirun's process group right after writing the checkpoint of
-# round FEDDPD_TEST_KILL_AFTER, as `kill -9 -PGID` of the job would. mpirun runs in a session of its own here, so
-# that group is the session's; each rank leads a group of its own and dies when mpirun is gone (rank 0 at once).
-SITECUSTOMIZE = """
-import os, signal
-if os.environ.get("FEDDPD_TEST_KILL_AFTER"):
-    from fedml_feddpd import checkpoint
-    save = checkpoint.Checkpointer.save
-    def save_then_kill_the_job(self, round_idx):
-        save(self, round_idx)
-        if round_idx == int(os.environ["FEDDPD_TEST_KILL_AFTER"]):
-            os.killpg(os.getsid(0), signal.SIGKILL)
-            os.kill(os.getpid(), signal.SIGKILL)
-    checkpoint.Checkpointer.save = save_then_kill_the_job
-"""
-
-
-def _env(hooks=None, **extra):
-    path = [str(hooks)] if hooks else []
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(path + [ROOT]), "OMP_NUM_THREADS": "1", **extra}
 
 
 def _mpi(cf, out, *extra):
@@ -92,6 +73,16 @@ def _round(path):
 
 
 @pytest.mark.slow
+def _reference(tmp_path, raw):
+    """Write the config and the kill hook, run the job uninterrupted; (config path, its metrics)."""
+    cf = tmp_path / "mpi.yaml"
+    cf.write_text(yaml.safe_dump(raw))
+    write_kill_hook(tmp_path)
+    code, stdout, stderr = _run(_mpi(cf, tmp_path / "ref"), tmp_path, _env())
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    return cf, json.loads((tmp_path / "ref" / "metrics.json").read_text())
+
+
 def test_mpi_job_killed_after_a_round_resumes_to_identical_metrics(tmp_path):
     _mpirun()
     raw = _tiny_feddpd(tmp_path / "gen")
@@ -99,20 +90,13 @@ def test_mpi_job_killed_after_a_round_resumes_to_identical_metrics(tmp_path):
     raw["train_args"].update(comm_round=ROUNDS, epochs=2)
     raw["feddpd"].update(supplement_every=2)
     raw["run_args"].update(checkpoint_every=1, generator_threads=1)
-    cf = tmp_path / "mpi.yaml"
-    cf.write_text(yaml.safe_dump(raw))
-    (tmp_path / "hooks").mkdir()
-    (tmp_path / "hooks" / "sitecustomize.py").write_text(SITECUSTOMIZE)
-
-    code, stdout, stderr = _run(_mpi(cf, tmp_path / "ref"), tmp_path, _env())
-    assert code == 0, stdout[-3000:] + stderr[-3000:]
-    reference = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    cf, reference = _reference(tmp_path, raw)
     assert reference["resumed_from_round"] is None
     assert [r["round"] for r in reference["rounds"] if r.get("supplements_produced")] == [0]
 
     out, kill_after = tmp_path / "killed", 1
     code, stdout, stderr = _run(_mpi(cf, out), tmp_path, _env(tmp_path / "hooks", FEDDPD_TEST_KILL_AFTER=str(kill_after),
-                                                              FEDDPD_TEST_KILL_GROUP="1"))
+                                                              FEDDPD_TEST_KILL_GROUP="session"))
     assert code == -signal.SIGKILL, stdout[-2000:] + stderr[-2000:]
     assert _round(out / "checkpoint.pt") == kill_after
     assert sorted(os.listdir(out)) == ["INCOMPLETE", "checkpoint.pt"]
@@ -121,7 +105,7 @@ def test_mpi_job_killed_after_a_round_resumes_to_identical_metrics(tmp_path):
     # resumed, and killed again right after the last round's checkpoint, before the outputs are written
     code, stdout, stderr = _run(_mpi(cf, out, "--resume"), tmp_path,
                                 _env(tmp_path / "hooks", FEDDPD_TEST_KILL_AFTER=str(ROUNDS - 1),
-                                     FEDDPD_TEST_KILL_GROUP="1"))
+                                     FEDDPD_TEST_KILL_GROUP="session"))
     assert code == -signal.SIGKILL, stdout[-2000:] + stderr[-2000:]
     assert _round(out / "checkpoint.pt") == ROUNDS - 1
     assert len(torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["records"]) == ROUNDS
@@ -184,16 +168,11 @@ def test_mpi_fedavg_job_killed_after_round_0_resumes_to_identical_metrics(tmp_pa
     raw["comm_args"] = {"backend": "MPI"}
     raw["train_args"].update(client_num_in_total=2, client_num_per_round=2, comm_round=2, epochs=2)
     raw["run_args"].update(checkpoint_every=1)
-    cf = tmp_path / "mpi.yaml"
-    cf.write_text(yaml.safe_dump(raw))
-    (tmp_path / "hooks").mkdir()
-    (tmp_path / "hooks" / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    code, stdout, stderr = _run(_mpi(cf, tmp_path / "ref"), tmp_path, _env())
-    assert code == 0, stdout[-3000:] + stderr[-3000:]
-    reference = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    cf, reference = _reference(tmp_path, raw)
 
     out = tmp_path / "killed"
-    code, stdout, stderr = _run(_mpi(cf, out), tmp_path, _env(tmp_path / "hooks", FEDDPD_TEST_KILL_AFTER="0"))
+    code, stdout, stderr = _run(_mpi(cf, out), tmp_path, _env(tmp_path / "hooks", FEDDPD_TEST_KILL_AFTER="0",
+                                                              FEDDPD_TEST_KILL_GROUP="session"))
     assert code == -signal.SIGKILL, stdout[-2000:] + stderr[-2000:]
     assert _round(out / "checkpoint.pt") == 0
     code, stdout, stderr = _run(_mpi(cf, out, "--resume"), tmp_path, _env())

@@ -19,30 +19,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, shrink
+from conftest import ROOT, shrink, write_kill_hook
+from conftest import hook_env as _env
 from test_distributed import _gone, _strip
 
 ROUNDS = 4  # supplements after rounds 0 and 2
-# Imported by every process of a run (PYTHONPATH): the server SIGKILLs its process group (silo-local, server and
-# clients) or itself right after writing the checkpoint of round FEDDPD_TEST_KILL_AFTER.
-SITECUSTOMIZE = """
-import os, signal
-if os.environ.get("FEDDPD_TEST_KILL_AFTER"):
-    from fedml_feddpd import checkpoint
-    save = checkpoint.Checkpointer.save
-    def save_then_die(self, round_idx):
-        save(self, round_idx)
-        if round_idx == int(os.environ["FEDDPD_TEST_KILL_AFTER"]):
-            if os.environ.get("FEDDPD_TEST_KILL_GROUP"):
-                os.killpg(os.getpgrp(), signal.SIGKILL)
-            os.kill(os.getpid(), signal.SIGKILL)
-    checkpoint.Checkpointer.save = save_then_die
-"""
-
-
-def _env(hooks=None, **extra):
-    path = [str(hooks)] if hooks else []
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(path + [ROOT]), "OMP_NUM_THREADS": "1", **extra}
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +41,7 @@ def grpc_reference(tmp_path_factory):
     raw["run_args"].update(baseline="none", generator_threads=1, checkpoint_every=1)
     cf = folder / "grpc.yaml"
     cf.write_text(yaml.safe_dump(raw))
-    (folder / "hooks").mkdir()
-    (folder / "hooks" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    write_kill_hook(folder)
     proc = subprocess.run([sys.executable, "-m", "fedml_feddpd", "silo-local", "--cf", str(cf), "--out",
                            str(folder / "ref"), "--no-progress"], capture_output=True, text=True, cwd=folder,
                           env=_env(), timeout=600)
@@ -105,7 +85,7 @@ def test_silo_local_killed_after_a_round_resumes_to_identical_metrics(grpc_refer
     proc = subprocess.Popen([sys.executable, "-m", "fedml_feddpd", "silo-local", "--cf", str(cf), "--out", str(out),
                              "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=folder,
                             env=_env(folder / "hooks", FEDDPD_TEST_KILL_AFTER=str(kill_after),
-                                     FEDDPD_TEST_KILL_GROUP="1"), start_new_session=True)
+                                     FEDDPD_TEST_KILL_GROUP="group"), start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=600)
     finally:

@@ -78,18 +78,35 @@ class GeneratorService:
                           steps=self.sample_steps, seed=seed, guidance_scale=self.guidance_scale,
                           null_class=self.generator.null_class, sampler=self.sampler)
 
-    def train_adapter(self, name: str, chosen, rejected, labels, seed: int) -> dict:
-        from dataclasses import replace
-
-        from .generation import add_adapter, delete_adapter, has_adapter, train_dpo_adapter
+    def sample_many(self, jobs: dict) -> dict:
+        """{key: (class_counts, seed, adapter or None)} -> {key: (images, labels)}, every job in shared UNet
+        batches, each row through its own adapter (None: the base). Each job equals `sample` with its seed."""
+        from .generation import sample_jobs
+        from .generation.adapters import BASE
 
         unet = self.generator.unet
-        settings = replace(self.dpo_settings, seed=seed)
-        if has_adapter(unet, name) and not settings.warm_start:  # fresh: preferences move with the models
-            delete_adapter(unet, name)
-        if not has_adapter(unet, name):
-            add_adapter(unet, name, settings)
-        return train_dpo_adapter(unet, self.generator.scheduler, name, chosen, rejected, labels, settings)
+        keys = list(jobs)
+        with torch_threads(self.sample_threads or torch.get_num_threads()):
+            out = sample_jobs(unet, self.generator.scheduler,
+                              [(jobs[k][2] or BASE, [int(c) for c in jobs[k][0]], jobs[k][1]) for k in keys],
+                              steps=self.sample_steps, guidance_scale=self.guidance_scale,
+                              null_class=self.generator.null_class, sampler=self.sampler)
+        return dict(zip(keys, out))
+
+    def train_adapter(self, name: str, chosen, rejected, labels, seed: int) -> dict:
+        return self.train_adapters({name: (chosen, rejected, labels, seed)})[name]
+
+    def train_adapters(self, jobs: dict) -> dict:
+        """Diffusion-DPO of every client adapter in `jobs` {name: (chosen, rejected, labels, seed)} together
+        (generation.train_dpo_adapters). Without dpo_args.warm_start each starts afresh: preferences move with the
+        models; with it, each continues from its weights of the previous supplement round."""
+        from .generation import delete_adapter, has_adapter, train_dpo_adapters
+
+        unet = self.generator.unet
+        for name in jobs:
+            if has_adapter(unet, name) and not self.dpo_settings.warm_start:
+                delete_adapter(unet, name)
+        return train_dpo_adapters(unet, self.generator.scheduler, jobs, self.dpo_settings)
 
     def adapter_states(self) -> dict[str, dict[str, torch.Tensor]]:
         """Every client adapter's LoRA weights (for checkpoints)."""
@@ -162,7 +179,7 @@ class FedDPDPolicy(SupplementPolicy):
         with timer("scoring"):
             p_global = scorer.probs(global_state, pool_x)
             gate = quality_gate(p_global, pool_y.numpy(), s.tau)
-        out = {}
+        out, plans = {}, {}
         for up in timer.each_client(uploads):
             budget = client_budget(up.num_samples, s.supplement_ratio)
             if s.selection == "random":
@@ -176,17 +193,27 @@ class FedDPDPolicy(SupplementPolicy):
                 pick = select_top(d, pool_y.numpy(), gate, counts)
                 out[up.client_id] = self._supplement(pool_x[pick], pool_y[pick], budget, counts)
                 continue
-            adapter = f"client_{up.client_id}"
-            with timer("dpo"):
-                chosen, rejected = build_pairs(d, pool_y.numpy(), gate, np.flatnonzero(counts), s.pair_quantile, rng)
-                dpo_stats = None
-                if len(chosen):
-                    dpo_stats = generator.train_adapter(adapter, pool_x[chosen], pool_x[rejected], pool_y[chosen],
-                                                        seed=int(rng.integers(2**31)))
-            with timer("generation"):
-                want = np.ceil(counts * s.oversample).astype(int)
-                gen_x, gen_y = generator.sample(want, seed=int(rng.integers(2**31)),
-                                                adapter=adapter if dpo_stats else None)
+            chosen, rejected = build_pairs(d, pool_y.numpy(), gate, np.flatnonzero(counts), s.pair_quantile, rng)
+            plans[up.client_id] = (up, d, budget, counts, chosen, rejected, int(rng.integers(2**31)),
+                                   int(rng.integers(2**31)))
+        if plans:
+            out.update(self._dpo_supplements(plans, pool_x, pool_y, gate, global_state, scorer, generator, timer))
+        return {up.client_id: out[up.client_id] for up in uploads}  # in upload order, as the uploads came
+
+    def _dpo_supplements(self, plans, pool_x, pool_y, gate, global_state, scorer, generator, timer):
+        s, out = self.settings, {}
+        # Every client's adapter in one joint DPO run, every client's samples in shared batches (#14).
+        with timer("dpo"):
+            jobs = {f"client_{up.client_id}": (pool_x[c], pool_x[r], pool_y[c], dpo_seed)
+                    for up, _, _, _, c, r, dpo_seed, _ in plans.values() if len(c)}
+            dpo_stats = generator.train_adapters(jobs) if jobs else {}
+        with timer("generation"):
+            drawn = generator.sample_many({
+                up.client_id: (np.ceil(counts * s.oversample).astype(int), gen_seed,
+                               f"client_{up.client_id}" if f"client_{up.client_id}" in dpo_stats else None)
+                for up, _, _, counts, _, _, _, gen_seed in plans.values()})
+        for up, d, budget, counts, chosen, _, _, _ in plans.values():
+            gen_x, gen_y = drawn[up.client_id]
             with timer("scoring"):
                 p_g = scorer.probs(global_state, gen_x)
                 d_gen = discrepancy(p_g, scorer.probs(up.state_dict, gen_x), gen_y.numpy(), s.discrepancy)
@@ -196,8 +223,9 @@ class FedDPDPolicy(SupplementPolicy):
                     d_gen, gate_gen = np.concatenate([d, d_gen]), np.concatenate([gate, gate_gen])
                 pick = select_top(d_gen, gen_y.numpy(), gate_gen, counts)
             sup = self._supplement(gen_x[pick], gen_y[pick], budget, counts)
+            stats = dpo_stats.get(f"client_{up.client_id}") or {}
             sup.stats.update(dpo_pairs=int(len(chosen)),
-                             dpo={k: v for k, v in (dpo_stats or {}).items() if isinstance(v, (int, float))})
+                             dpo={k: v for k, v in stats.items() if isinstance(v, (int, float))})
             out[up.client_id] = sup
         return out
 

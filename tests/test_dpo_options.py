@@ -31,6 +31,12 @@ class FakeGenerator:
         self.adapters.append(name)
         return {"loss": 0.5}
 
+    def sample_many(self, jobs):
+        return {k: self.sample(counts, seed, adapter) for k, (counts, seed, adapter) in jobs.items()}
+
+    def train_adapters(self, jobs):
+        return {name: self.train_adapter(name, *job) for name, job in jobs.items()}
+
 
 class Data:
     class_num = 3
@@ -75,7 +81,6 @@ def test_adapter_only_can_fall_below_the_pool_choice_union_cannot():
 
 
 def test_warm_start_continues_from_the_saved_adapter(monkeypatch):
-    from fedml_feddpd import generation
     from fedml_feddpd.generation import DPOSettings, GeneratorConfig, adapter_parameters
     from fedml_feddpd.generation.pretrain import ServerGenerator
     from fedml_feddpd.generation.unet import build_train_scheduler, build_unet
@@ -84,14 +89,17 @@ def test_warm_start_continues_from_the_saved_adapter(monkeypatch):
     cfg = GeneratorConfig(block_out_channels=(8, 16), attention_head_dim=8)
     torch.manual_seed(0)
     unet = build_unet(cfg)
+    from fedml_feddpd.generation import dpo
+
     started = []
-    real_train = generation.train_dpo_adapter
+    real_build = dpo.build_joint_trainer
 
-    def spy(unet, scheduler, name, *a, **k):
-        started.append({n: p.detach().clone() for n, p in adapter_parameters(unet, name).items()})
-        return real_train(unet, scheduler, name, *a, **k)
+    def spy(unet, scheduler, jobs, *a, **k):  # the adapter's weights when its training starts
+        trainer = real_build(unet, scheduler, jobs, *a, **k)
+        started.append({n: p.detach().clone() for n, p in adapter_parameters(unet, "client_0").items()})
+        return trainer
 
-    monkeypatch.setattr(generation, "train_dpo_adapter", spy)
+    monkeypatch.setattr(dpo, "build_joint_trainer", spy)
     x = torch.rand(8, 1, 8, 8)
     labels = torch.zeros(8, dtype=torch.long)
     for warm in (True, False):

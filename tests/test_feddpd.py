@@ -54,7 +54,7 @@ def traced(experiment):
             in_client["now"] = False
 
     trainer.train = spy_train
-    for name in ("sample", "train_adapter"):
+    for name in ("sample", "sample_many", "train_adapters"):
         method = getattr(step.generator, name)
 
         def guarded(*a, _m=method, **k):

@@ -6,6 +6,7 @@ second copy of the model ever exists.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import warnings
@@ -15,6 +16,8 @@ from typing import Dict, Iterator, List, Tuple
 import torch
 from diffusers.loaders.peft import PeftAdapterMixin
 from peft import LoraConfig
+from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.lora.model import _adapter_names_pre_forward_hook
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
@@ -87,6 +90,47 @@ def set_active_adapter(unet, name: str) -> None:
     unet.enable_adapters()  # set_adapter leaves a previous disable_adapters() in force
     for n, p in unet.named_parameters():
         p.requires_grad_(f".{name}." in n and "lora_" in n)
+
+
+def set_trainable_adapters(unet, names) -> None:
+    """Make the LoRA weights of every adapter in `names` (and nothing else) require grad."""
+    for name in names:
+        _require(unet, name)
+    marks = tuple(f".{name}." for name in names)
+    for n, p in unet.named_parameters():
+        p.requires_grad_("lora_" in n and any(m in n for m in marks))
+
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+@contextlib.contextmanager
+def routed(unet, names):
+    """Route row i of every UNet batch through adapter names[i] (BASE: the frozen base) in one pass.
+
+    PEFT's mixed-adapter batches: each LoRA layer adds adapter k's update to its rows only, so rows never see
+    another client's weights and each adapter's gradient comes from its own rows. PEFT injects `adapter_names`
+    from PeftModel.forward, which a diffusers UNet does not have; the same pre-forward hook is registered on
+    the LoRA layers here. Adapters must be enabled (not `adapters_disabled`)."""
+    names = list(names)
+    for name in set(names) - {BASE}:
+        _require(unet, name)
+    hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=names)
+    layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+    was_disabled = bool(layers) and layers[0].disable_adapters
+    grads = {n: p.requires_grad for n, p in unet.named_parameters()}
+    if was_disabled:  # a disabled layer ignores adapter_names
+        unet.enable_adapters()
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers]
+    try:
+        yield unet
+    finally:
+        for h in handles:
+            h.remove()
+        if was_disabled:
+            unet.disable_adapters()
+        for n, p in unet.named_parameters():  # PEFT's enable/disable rewrites requires_grad
+            p.requires_grad_(grads[n])
 
 
 def active_adapter(unet):

@@ -24,7 +24,7 @@ import inspect  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
 from typing import Dict  # noqa: E402
 
 import torch  # noqa: E402
@@ -34,7 +34,8 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 from trl.trainer.base_trainer import _BaseTrainer  # noqa: E402
 
 from ..errors import ConfigError  # noqa: E402
-from .adapters import adapters_disabled, add_adapter, has_adapter, set_active_adapter  # noqa: E402
+from .adapters import (adapter_parameters, adapters_disabled, add_adapter, has_adapter, set_active_adapter,  # noqa: E402
+                       set_trainable_adapters)
 from .config import LOSS_TYPES, DPOSettings, image_shape_of  # noqa: E402
 
 # The TRL releases whose DPOTrainer internals this module is written against; setup.py pins the same range.
@@ -54,6 +55,9 @@ class PolicyOutput:
     mean_logits: torch.Tensor
     is_top1: torch.Tensor
 
+    def take(self, rows: torch.Tensor) -> "PolicyOutput":
+        return PolicyOutput(self.log_probs[rows], self.entropy[rows], self.mean_logits[rows], self.is_top1[rows])
+
 
 class DenoisingPolicy(torch.nn.Module):
     """The UNet seen by DPOTrainer: log-prob of x0 = minus its pixel-mean denoising error at (t, noise)."""
@@ -64,9 +68,12 @@ class DenoisingPolicy(torch.nn.Module):
         super().__init__()
         self.unet = unet
         self.scheduler = scheduler
+        self.joint = None  # {"policy": PolicyOutput, "reference": PolicyOutput} of the current joint step
 
-    def forward(self, x0, class_labels, timesteps, noise, **_lm_kwargs) -> PolicyOutput:
+    def forward(self, x0=None, class_labels=None, timesteps=None, noise=None, rows=None, **_lm_kwargs) -> PolicyOutput:
         # _lm_kwargs: input_ids, attention_mask, labels, use_cache, fused_lm_head of the one-token layout; unused.
+        if rows is not None:  # one client's rows of the joint pass (DiffusionDPOTrainer.compute_loss)
+            return self.joint["policy"].take(rows)
         x_t = self.scheduler.add_noise(x0, noise, timesteps)
         eps = self.unet(x_t, timesteps, class_labels=class_labels).sample
         log_probs = -((eps - noise) ** 2).mean(dim=(1, 2, 3)).unsqueeze(1)
@@ -83,12 +90,15 @@ class FrozenReference(torch.nn.Module):
 
     def forward(self, **inputs) -> PolicyOutput:
         policy = self._policy[0]
+        if inputs.get("rows") is not None:
+            return policy.joint["reference"].take(inputs["rows"])
         with adapters_disabled(policy.unet):
             return policy(**inputs)
 
 
-class PreferencePairs(Dataset):
-    """Item i is pair index i; the collator gathers the tensors, so nothing goes through `datasets`."""
+class Steps(Dataset):
+    """Item i is optimizer step i: JointPairs draws each client's batch itself, so nothing goes through
+    `datasets` and Trainer's sampler order does not matter."""
 
     def __init__(self, n: int):
         self.n = n
@@ -112,6 +122,15 @@ class PairCollator:
         self.num_train_timesteps = num_train_timesteps
         self.gen = torch.Generator().manual_seed(seed)
 
+    def next_indices(self, batch_size: int) -> torch.Tensor:
+        """The next min(batch_size, N) pairs of the current epoch (a permutation drawn from this client's
+        generator; the epoch's last batch may be smaller, as with a DataLoader without drop_last)."""
+        if getattr(self, "_order", None) is None or self._pos >= len(self._order):
+            self._order, self._pos = torch.randperm(len(self.labels), generator=self.gen), 0
+        idx = self._order[self._pos:self._pos + batch_size]
+        self._pos += len(idx)
+        return idx
+
     def __call__(self, indices) -> Dict[str, torch.Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.int64)
         n = len(idx)
@@ -127,6 +146,31 @@ class PairCollator:
             "timesteps": torch.cat([t, t]),
             "noise": torch.cat([noise, noise]),
         }
+
+
+class JointPairs:
+    """One optimizer step of every client's adapter in one batch: client k's pairs ([chosen; rejected], its own
+    (t, noise), from its own seed) occupy rows `groups[k]` of the joint tensors, routed through adapter k.
+
+    Each client draws exactly what it would draw alone (its own PairCollator, generator and epochs), so training
+    K adapters together equals training each alone on the same pairs, up to float rounding."""
+
+    def __init__(self, clients: Dict[str, PairCollator], batch_size: int):
+        self.clients, self.batch_size = clients, batch_size
+
+    def __call__(self, _steps) -> Dict[str, object]:
+        parts, groups, names, offset = [], [], [], 0
+        for name, pairs in self.clients.items():
+            batch = pairs(pairs.next_indices(self.batch_size))
+            n2 = len(batch["x0"])
+            parts.append(batch)
+            # the one-token layout TRL's _compute_loss reads, plus this client's rows of the joint pass
+            layout = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
+            groups.append((name, dict(layout, rows=torch.arange(offset, offset + n2))))
+            names += [name] * n2
+            offset += n2
+        joint = {k: torch.cat([b[k] for b in parts]) for k in ("x0", "class_labels", "timesteps", "noise")}
+        return dict(joint, adapters=names, groups=groups)
 
 
 def _check_trl() -> None:
@@ -185,17 +229,46 @@ class DiffusionDPOTrainer(DPOTrainer):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._total_train_tokens = 0
         self._tp_size = 1
-        self.history = []  # one dict per optimizer step: loss and TRL's metrics of that step
+        self.history: Dict[str, list] = {}  # per adapter, one dict per optimizer step: its loss and TRL's metrics
+        self.adapter_params: Dict[str, list] = {}  # per adapter, its LoRA weights (clipped separately)
 
     def _send_telemetry(self):
         """Offline server: never ping the Hub (the base reads model.config.model_type, which a UNet lacks)."""
 
-    def training_step(self, *args, **kwargs):
-        loss = super().training_step(*args, **kwargs)
-        # TRL's log() averages and clears _metrics; keep the per-step values for the caller's stats.
-        step = {k: v[-1] for k, v in self._metrics["train"].items() if v and k.startswith(("rewards/", "logps/"))}
-        self.history.append(dict(step, loss=float(loss.detach())))
-        return loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """A JointPairs batch: one UNet pass routes each client's rows through its adapter (and one pass through
+        the frozen base), then TRL's `_compute_loss` computes each client's loss on its own rows; the step
+        minimises their sum, so each adapter gets exactly the gradient of its own TRL loss. Any other batch
+        (PairCollator's layout, one client, the active adapter): TRL's loss as it is."""
+        if "groups" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from .adapters import routed
+
+        policy = self.accelerator.unwrap_model(model)
+        joint = {k: inputs[k] for k in ("x0", "class_labels", "timesteps", "noise")}
+        with routed(policy.unet, inputs["adapters"]):
+            out = policy(**joint)
+        with torch.no_grad(), adapters_disabled(policy.unet):
+            ref = policy(**joint)
+        policy.joint = {"policy": out, "reference": ref}
+        try:
+            total = 0.0
+            for name, sub in inputs["groups"]:
+                loss = super()._compute_loss(model, sub, False)
+                total = total + loss
+                mode = "train" if self.model.training else "eval"
+                step = {k: v[-1] for k, v in self._metrics[mode].items() if v and k.startswith(("rewards/", "logps/"))}
+                self.history.setdefault(name, []).append(dict(step, loss=float(loss.detach())))
+        finally:
+            policy.joint = None
+        return total
+
+    def _clip_grad_norm(self, model):
+        """Clip each adapter's gradient to max_grad_norm on its own, as if it trained alone (Trainer clips the
+        norm of all trainable weights together, which would couple the clients of a joint step)."""
+        norms = [torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
+                 for params in self.adapter_params.values()]
+        return torch.stack(norms).norm() if norms else torch.tensor(0.0)
 
 
 def dpo_config(settings: DPOSettings, output_dir: str, use_cpu: bool = True, progress: bool = False) -> DPOConfig:
@@ -232,17 +305,34 @@ def _check_pairs(chosen, rejected, labels, unet) -> None:
 
 def build_dpo_trainer(unet, scheduler, adapter_name: str, chosen, rejected, labels, settings: DPOSettings,
                       output_dir: str, progress: bool = False) -> DiffusionDPOTrainer:
-    """Trainer for `adapter_name` (added if missing, then made the only trainable weights)."""
-    _check_pairs(chosen, rejected, labels, unet)
-    if not has_adapter(unet, adapter_name):
-        add_adapter(unet, adapter_name, settings)
-    set_active_adapter(unet, adapter_name)
+    """Trainer for `adapter_name` alone (added if missing, then made the only trainable and active weights)."""
+    return build_joint_trainer(unet, scheduler, {adapter_name: (chosen, rejected, labels, settings.seed)}, settings,
+                               output_dir, progress)
+
+
+def build_joint_trainer(unet, scheduler, jobs: Dict[str, tuple], settings: DPOSettings, output_dir: str,
+                        progress: bool = False) -> DiffusionDPOTrainer:
+    """One trainer for every adapter in `jobs` {name: (chosen, rejected, labels, seed)}: added if missing (initial
+    weights from its seed), made the only trainable weights, trained together (JointPairs); `settings.seed` seeds
+    TRL/transformers only, which draw nothing here."""
+    if not jobs:
+        raise ValueError("train_dpo_adapters: no adapters to train")
+    for chosen, rejected, labels, _ in jobs.values():
+        _check_pairs(chosen, rejected, labels, unet)
+    for name, (_, _, _, seed) in jobs.items():
+        if not has_adapter(unet, name):  # a new adapter's initial weights depend on (its seed, its name) only
+            add_adapter(unet, name, replace(settings, seed=seed))
+    set_active_adapter(unet, next(iter(jobs)))  # adapters on; a one-client PairCollator batch uses this one
+    set_trainable_adapters(unet, list(jobs))
     device = next(unet.parameters()).device
     # Batches are built on the CPU; Trainer moves them to the UNet's device.
-    collator = PairCollator(chosen.float().cpu(), rejected.float().cpu(), labels.long().cpu(),
-                            scheduler.config.num_train_timesteps, settings.seed)
+    clients = {name: PairCollator(chosen.float().cpu(), rejected.float().cpu(), labels.long().cpu(),
+                                  scheduler.config.num_train_timesteps, seed)
+               for name, (chosen, rejected, labels, seed) in jobs.items()}
     args = dpo_config(settings, output_dir, use_cpu=device.type == "cpu", progress=progress)
-    trainer = DiffusionDPOTrainer(DenoisingPolicy(unet, scheduler), args, PreferencePairs(len(labels)), collator)
+    trainer = DiffusionDPOTrainer(DenoisingPolicy(unet, scheduler), args, Steps(settings.max_steps),
+                                  JointPairs(clients, settings.batch_size))
+    trainer.adapter_params = {name: list(adapter_parameters(unet, name).values()) for name in jobs}
     trainer.remove_callback(PrinterCallback)  # with tqdm off, Trainer would print the final metrics dict to stdout
     return trainer
 
@@ -254,24 +344,42 @@ def train_dpo_adapter(unet, scheduler, adapter_name: str, chosen, rejected, labe
     chosen/rejected: float32 (N, C, H, W) in [0, 1]; labels: int64 (N,), the class of both images of a pair.
     Returns stats; the adapter is left active (use adapters.using_adapter/adapters_disabled to route sampling).
     """
+    stats = train_dpo_adapters(unet, scheduler, {adapter_name: (chosen, rejected, labels, settings.seed)}, settings,
+                               progress)[adapter_name]
+    set_active_adapter(unet, adapter_name)
+    return stats
+
+
+def train_dpo_adapters(unet, scheduler, jobs: Dict[str, tuple], settings: DPOSettings,
+                       progress: bool = False) -> Dict[str, dict]:
+    """Fit several clients' adapters together: jobs {name: (chosen, rejected, labels, seed)}, one optimizer step of
+    `settings.batch_size` pairs per client at a time, all in one routed UNet pass per step (adapters.routed).
+
+    Each adapter's loss is TRL's DPO loss on its own pairs, its gradient is clipped on its own and AdamW's state is
+    per weight, so each adapter ends where training it alone with the same pairs and seed ends (up to float
+    rounding: tests/test_dpo.py). `steps_per_second` counts joint steps; `seconds` is the joint run's."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="feddpd-dpo-") as out:
-        trainer = build_dpo_trainer(unet, scheduler, adapter_name, chosen, rejected, labels, settings, out, progress)
+        trainer = build_joint_trainer(unet, scheduler, jobs, settings, out, progress)
         was_training = unet.training
         try:
             trainer.train()
         finally:
             unet.train(was_training)
     seconds = time.perf_counter() - start
-    hist = trainer.history
+    steps = int(trainer.state.global_step)
+    result = {}
+    for name, (_, _, labels, _) in jobs.items():
+        hist = trainer.history.get(name, [])
 
-    def last(key, n=10):
-        vals = [h[key] for h in hist[-n:] if key in h]
-        return sum(vals) / len(vals) if vals else float("nan")
+        def last(key, n=10):
+            vals = [h[key] for h in hist[-n:] if key in h]
+            return sum(vals) / len(vals) if vals else float("nan")
 
-    return {
-        "adapter": adapter_name, "pairs": int(len(labels)), "steps": int(trainer.state.global_step),
-        "seconds": seconds, "steps_per_second": trainer.state.global_step / seconds if seconds > 0 else float("nan"),
-        "loss_first": hist[0]["loss"] if hist else float("nan"), "loss_final": last("loss"),
-        "reward_accuracy": last("rewards/accuracies"), "reward_margin": last("rewards/margins"),
-    }
+        result[name] = {
+            "adapter": name, "pairs": int(len(labels)), "steps": steps, "seconds": seconds,
+            "clients_together": len(jobs), "steps_per_second": steps / seconds if seconds > 0 else float("nan"),
+            "loss_first": hist[0]["loss"] if hist else float("nan"), "loss_final": last("loss"),
+            "reward_accuracy": last("rewards/accuracies"), "reward_margin": last("rewards/margins"),
+        }
+    return result

@@ -1,7 +1,7 @@
 """Class-conditional DDIM or DPM-Solver++ sampling (DDPMPipeline takes no class labels, so the loop is written here)."""
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence, Tuple, Union
+from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -63,6 +63,22 @@ def sample(unet, scheduler_or_cfg, class_counts: ClassCounts, steps: int = 50, s
     (ServerGenerator.null_class). `sampler`: "ddim" or "dpm" (diffusers' DPMSolverMultistepScheduler, DPM-Solver++
     of order 2, deterministic; fewer steps for the same quality).
     """
+    (out, labels), = sample_jobs(unet, scheduler_or_cfg, [(None, class_counts, seed)], steps=steps,
+                                 batch_size=batch_size, progress=progress, guidance_scale=guidance_scale,
+                                 null_class=null_class, sampler=sampler)
+    return out, labels
+
+
+@torch.no_grad()
+def sample_jobs(unet, scheduler_or_cfg, jobs: Sequence[Tuple[Optional[str], ClassCounts, int]], steps: int = 50,
+                batch_size: int = 256, progress: bool = False, guidance_scale: float = 1.0,
+                null_class: Optional[int] = None, sampler: str = "ddim") -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Several `sample` calls in shared UNet batches: job (adapter, class_counts, seed) draws its own start noise
+    from its own seed and runs every row through its own adapter (adapters.routed; None: the UNet as it is
+    routed now, i.e. the active adapter or none). Each job's images equal a lone `sample(..., seed=seed)` with
+    that adapter active, up to float rounding (batched convolutions). Returns one (images, labels) per job."""
+    from .adapters import BASE, routed
+
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"sample: steps must be an integer >= 1, got {steps!r}")
     if batch_size < 1:
@@ -70,13 +86,20 @@ def sample(unet, scheduler_or_cfg, class_counts: ClassCounts, steps: int = 50, s
     null = _null_label(unet, scheduler_or_cfg, guidance_scale, null_class)
     cfg = unet.config
     is_cfg = isinstance(scheduler_or_cfg, GeneratorConfig)
-    labels = labels_for_counts(class_counts, scheduler_or_cfg.num_classes if is_cfg else cfg.num_class_embeds)
+    num_classes = scheduler_or_cfg.num_classes if is_cfg else cfg.num_class_embeds
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
-    gen = torch.Generator().manual_seed(seed)
-    shape = (len(labels), *image_shape_of(cfg))
-    noise = torch.randn(shape, generator=gen)
-    out = torch.empty(shape)
+    per_job = [labels_for_counts(counts, num_classes) for _, counts, _ in jobs]
+    noise = torch.cat([torch.randn((len(y), *image_shape_of(cfg)), generator=torch.Generator().manual_seed(int(seed)))
+                       for y, (_, _, seed) in zip(per_job, jobs)]) if jobs else torch.empty(0)
+    labels = torch.cat(per_job) if jobs else torch.empty(0, dtype=torch.int64)
+    adapters = [a for y, (a, _, _) in zip(per_job, jobs) for _ in range(len(y))]
+    mixed = any(a is not None for a in adapters) and len(set(adapters)) > 1
+    if mixed and None in adapters:
+        from .adapters import active_adapter
+        current = active_adapter(unet) or BASE
+        adapters = [current if a is None else a for a in adapters]
+    out = torch.empty(noise.shape)
     sched = build_sample_scheduler(scheduler_or_cfg, sampler)
     was_training = unet.training
     unet.eval()
@@ -85,17 +108,33 @@ def sample(unet, scheduler_or_cfg, class_counts: ClassCounts, steps: int = 50, s
         for start in tqdm(batches, desc="sample", disable=not progress, leave=False):
             x = noise[start:start + batch_size].to(device, dtype)
             y = labels[start:start + batch_size].to(device)
+            names = adapters[start:start + batch_size]
             if null is not None:
                 y_both = torch.cat([y, torch.full_like(y, null)])
+                names = names + names
             sched.set_timesteps(steps)  # per batch: resets DPM-Solver's multistep history (DDIM keeps none)
-            for t in sched.timesteps:
-                if null is None:
-                    eps = unet(x, t, class_labels=y).sample
-                else:
-                    eps_cond, eps_null = unet(torch.cat([x, x]), t, class_labels=y_both).sample.chunk(2)
-                    eps = eps_null + guidance_scale * (eps_cond - eps_null)
-                x = sched.step(eps, t, x).prev_sample  # eta=0: deterministic given the start noise
+            route = routed(unet, names) if mixed else _same_adapter(unet, names[0] if names else None)
+            with route:
+                for t in sched.timesteps:
+                    if null is None:
+                        eps = unet(x, t, class_labels=y).sample
+                    else:
+                        eps_cond, eps_null = unet(torch.cat([x, x]), t, class_labels=y_both).sample.chunk(2)
+                        eps = eps_null + guidance_scale * (eps_cond - eps_null)
+                    x = sched.step(eps, t, x).prev_sample  # eta=0: deterministic given the start noise
             out[start:start + batch_size] = ((x.float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
     finally:
         unet.train(was_training)
-    return out, labels
+    bounds = torch.tensor([0] + [len(y) for y in per_job]).cumsum(0).tolist()
+    return [(out[a:b], labels[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _same_adapter(unet, name: Optional[str]):
+    """Every row through one adapter (BASE: none; None: as routed now): PEFT's ordinary path, no per-row routing."""
+    import contextlib
+
+    from .adapters import BASE, adapters_disabled, using_adapter
+
+    if name is None:
+        return contextlib.nullcontext()
+    return adapters_disabled(unet) if name == BASE else using_adapter(unet, name)

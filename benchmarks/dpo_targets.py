@@ -1,0 +1,198 @@
+"""The cost and value targets of issue #14, measured and printed.
+
+    python benchmarks/dpo_targets.py main                  # the README's first command: generator cached, then cold
+    python benchmarks/dpo_targets.py clients 10 20 40      # server seconds of one supplement round vs clients
+    python benchmarks/dpo_targets.py validate runs/validate_dpo_digits   # the default rule + server-time ratio
+
+`main` runs the README's first command as a subprocess (FedDPD then FedAvg on digits, 150 rounds) twice: with the
+generator cache as it is, then with an empty cache folder (generator.cache_dir), so pretraining is included.
+Targets: <= 180 s cached, <= 270 s cold, on 2 idle cores.
+
+`clients` runs digits FedDPD with K clients for 21 rounds (one supplement round, round 20) and reports that
+round's server seconds by stage, once with the round's adapters trained and sampled together (the code as it is)
+and once one client after another (GeneratorService.train_adapters / sample_many called per client), on the same
+split and seed. Target: seconds grow sublinearly in K.
+
+`validate DIR` applies the decision rule written in configs/validate_dpo_digits.yaml to a finished run of that
+suite (validation accuracy only) and prints FedDPD's server seconds against `dpo: false` on the same splits
+(target <= 2x) and the paired FedDPD - dpo:false difference (target >= 0).
+Every timing says how busy the machine was (load average) when it was taken.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+warnings.filterwarnings("ignore")
+
+MAIN_CONFIG = "configs/digits_feddpd.yaml"
+
+
+def load() -> str:
+    return "load average %.2f %.2f %.2f" % os.getloadavg()
+
+
+def run_main(cached: bool) -> float:
+    """Wall seconds of the README's first command (without `pip install`), in a scratch output folder."""
+    with tempfile.TemporaryDirectory(prefix="feddpd-main-") as tmp:
+        cfg = yaml.safe_load((ROOT / MAIN_CONFIG).read_text())
+        cfg["run_args"]["output_dir"] = tmp
+        if not cached:
+            cfg.setdefault("generator", {})["cache_dir"] = str(Path(tmp) / "empty-cache")
+        path = Path(tmp) / "digits_feddpd.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "fedml_feddpd", "run", "--cf", str(path), "--no-progress"],
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - start
+
+
+def cmd_main(_opts) -> None:
+    print(f"before: {load()}")
+    for cached, target in ((True, 180), (False, 270)):
+        secs = run_main(cached)
+        verdict = "meets" if secs <= target else "misses"
+        print(f"README first command, generator {'cached' if cached else 'cold'}: {secs:.0f} s "
+              f"({verdict} the {target} s target); {load()}")
+
+
+def _sequential(service_cls):
+    """Patch GeneratorService so that a round's adapters train and sample one client after another."""
+    def train_adapters(self, jobs):
+        out = {}
+        for name, job in jobs.items():
+            out.update(original_train(self, {name: job}))
+        return out
+
+    def sample_many(self, jobs):
+        out = {}
+        for key, job in jobs.items():
+            out.update(original_sample(self, {key: job}))
+        return out
+
+    original_train, original_sample = service_cls.train_adapters, service_cls.sample_many
+    service_cls.train_adapters, service_cls.sample_many = train_adapters, sample_many
+    return lambda: (setattr(service_cls, "train_adapters", original_train),
+                    setattr(service_cls, "sample_many", original_sample))
+
+
+def supplement_round(clients: int, together: bool, out: str, threads: int) -> dict:
+    from fedml_feddpd.config import validate
+    from fedml_feddpd.runner import run
+    from fedml_feddpd.supplement import GeneratorService
+
+    raw = yaml.safe_load((ROOT / MAIN_CONFIG).read_text())
+    raw["train_args"].update(client_num_in_total=clients, client_num_per_round=clients, comm_round=21)
+    raw["data_args"]["min_client_size"] = 2  # 40 Dirichlet-0.1 shares of ~900 images: some are small
+    raw["run_args"].update(baseline="none", torch_threads=threads, generator_threads=threads)
+    restore = None if together else _sequential(GeneratorService)
+    try:
+        res = run(validate(raw, MAIN_CONFIG), out, show_progress=False)
+    finally:
+        if restore:
+            restore()
+    rec = res["rounds"][20]
+    stages = rec["server_step"]["server_stage_seconds"]
+    sups = rec["server_step"]["supplements"].values()
+    return {"server_s": rec["server_seconds"], **{k: stages.get(k, 0.0) for k in ("pool", "scoring", "dpo", "generation")},
+            "dpo_clients": sum(1 for s in sups if s.get("dpo_pairs")),
+            "supplement_images": sum(s["size"] for s in sups)}
+
+
+def cmd_clients(opts) -> None:
+    print(f"before: {load()}; torch threads {opts.threads}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="feddpd-clients-") as tmp:
+        for k in opts.clients:
+            for together in (True, False):
+                r = supplement_round(k, together, f"{tmp}/k{k}_{together}", opts.threads)
+                rows.append((k, "together" if together else "one by one", r))
+                print(f"K={k:3d} {rows[-1][1]:>10}: server {r['server_s']:6.1f} s = pool {r['pool']:.1f} + "
+                      f"scoring {r['scoring']:.1f} + dpo {r['dpo']:.1f} + generation {r['generation']:.1f} "
+                      f"({r['dpo_clients']} adapters, {r['supplement_images']} images); {load()}", flush=True)
+    print("\n| clients | adapters trained | server s, together | server s, one by one | dpo s, together | "
+          "dpo s, one by one | together / 10 clients |")
+    print("|---|---|---|---|---|---|---|")
+    base = next(r for k, mode, r in rows if mode == "together")
+    for k in opts.clients:
+        t = next(r for kk, mode, r in rows if kk == k and mode == "together")
+        o = next(r for kk, mode, r in rows if kk == k and mode != "together")
+        print(f"| {k} | {t['dpo_clients']} | {t['server_s']:.1f} | {o['server_s']:.1f} | {t['dpo']:.1f} | "
+              f"{o['dpo']:.1f} | {t['server_s'] / base['server_s']:.2f}x for {k / opts.clients[0]:.0f}x clients |")
+
+
+def _values(run_dir: Path, key: str, last: int = 10):
+    m = json.loads((run_dir / "metrics.json").read_text())
+    vals = [r[key] for r in m["rounds"] if r.get(key) is not None]
+    return float(np.mean(vals[-last:])), m
+
+
+def cmd_validate(opts) -> None:
+    from fedml_feddpd import stats
+    from fedml_feddpd.compare_report import _slug
+
+    base = Path(opts.dir) / "runs" / "IF=10"
+    names = {"default": "FedDPD (default)", "fast": "FedDPD (fast)", "nodpo": "FedDPD (dpo: false)"}
+    seeds = list(range(8))
+    val, test, server = {}, {}, {}
+    for key, name in names.items():
+        folder = base / _slug(name)
+        val[key], test[key], server[key] = [], [], []
+        for s in seeds:
+            d = folder / f"seed{s}"
+            if not (d / "metrics.json").is_file():
+                sys.exit(f"validate: {d}/metrics.json missing; expected the finished suite "
+                         "(python -m fedml_feddpd compare --cf configs/validate_dpo_digits.yaml)")
+            v, m = _values(d, "val_top1")
+            val[key].append(v)
+            test[key].append(m["final"]["top1"])
+            server[key].append(m["server_seconds_total"])
+    def pct(p):  # differences in percentage points
+        return {k: v * 100 if k in ("mean_diff", "ci95_low", "ci95_high") and v is not None else v
+                for k, v in p.items()}
+
+    fast = pct(stats.paired(val["fast"], val["default"]))
+    cost = np.mean(server["fast"]) / np.mean(server["default"])
+    print(f"validation top-1 (last 10 rounds), 8 seeds: default {100 * np.mean(val['default']):.2f}, "
+          f"fast {100 * np.mean(val['fast']):.2f}, dpo:false {100 * np.mean(val['nodpo']):.2f}")
+    print(f"fast - default: {fast['mean_diff']:+.2f} points [{fast['ci95_low']:+.2f}, {fast['ci95_high']:+.2f}], "
+          f"paired t p {fast['t_p']}, Wilcoxon p {fast['wilcoxon_p']}; server seconds fast/default {cost:.2f}")
+    better = fast["ci95_low"] > 0
+    cheaper_no_loss = cost <= 0.75 and fast["mean_diff"] >= -0.25 and fast["ci95_low"] >= -1.0
+    print("rule: adopt 'fast'" if better or cheaper_no_loss else "rule: keep the defaults",
+          f"(better: {better}; cheaper at no loss: {cheaper_no_loss})")
+    for key in ("default", "fast"):
+        d = pct(stats.paired(val[key], val["nodpo"]))
+        t = pct(stats.paired(test[key], test["nodpo"]))
+        ratio = np.mean(server[key]) / np.mean(server["nodpo"])
+        print(f"{names[key]} - dpo:false: validation {d['mean_diff']:+.2f} [{d['ci95_low']:+.2f}, "
+              f"{d['ci95_high']:+.2f}], test (final) {t['mean_diff']:+.2f} [{t['ci95_low']:+.2f}, "
+              f"{t['ci95_high']:+.2f}]; server seconds {np.mean(server[key]):.0f} vs {np.mean(server['nodpo']):.0f} "
+              f"= {ratio:.2f}x ({'meets' if ratio <= 2 else 'misses'} the 2x target)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("main")
+    c = sub.add_parser("clients")
+    c.add_argument("clients", type=int, nargs="+")
+    c.add_argument("--threads", type=int, default=1)
+    v = sub.add_parser("validate")
+    v.add_argument("dir")
+    opts = parser.parse_args()
+    {"main": cmd_main, "clients": cmd_clients, "validate": cmd_validate}[opts.cmd](opts)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,7 @@
 generator cache as it is, then with an empty cache folder (generator.cache_dir), so pretraining is included.
 Targets: <= 180 s cached, <= 270 s cold, on 2 idle cores.
 
-`clients` runs digits FedDPD with K clients for 21 rounds (one supplement round, round 20) and reports that
+`clients` runs digits FedDPD with K clients for 22 rounds (one supplement round, after round 20) and reports that
 round's server seconds by stage, once with the round's adapters trained and sampled together (the code as it is)
 and once one client after another (GeneratorService.train_adapters / sample_many called per client), on the same
 split and seed. Target: seconds grow sublinearly in K.
@@ -92,7 +92,8 @@ def supplement_round(clients: int, together: bool, out: str, threads: int) -> di
     from fedml_feddpd.supplement import GeneratorService
 
     raw = yaml.safe_load((ROOT / MAIN_CONFIG).read_text())
-    raw["train_args"].update(client_num_in_total=clients, client_num_per_round=clients, comm_round=21)
+    # 22 rounds: one supplement round, after round 20 (there is none after the last round)
+    raw["train_args"].update(client_num_in_total=clients, client_num_per_round=clients, comm_round=22)
     raw["data_args"]["min_client_size"] = 2  # 40 Dirichlet-0.1 shares of ~900 images: some are small
     raw["run_args"].update(baseline="none", torch_threads=threads, generator_threads=threads)
     restore = None if together else _sequential(GeneratorService)
@@ -104,7 +105,8 @@ def supplement_round(clients: int, together: bool, out: str, threads: int) -> di
     rec = res["rounds"][20]
     stages = rec["server_step"]["server_stage_seconds"]
     sups = rec["server_step"]["supplements"].values()
-    return {"server_s": rec["server_seconds"], **{k: stages.get(k, 0.0) for k in ("pool", "scoring", "dpo", "generation")},
+    return {"server_s": rec["server_seconds"],
+            **{k: stages.get(k, 0.0) for k in ("pool", "scoring", "dpo", "generation")},
             "dpo_clients": sum(1 for s in sups if s.get("dpo_pairs")),
             "supplement_images": sum(s["size"] for s in sups)}
 
@@ -114,7 +116,8 @@ def cmd_clients(opts) -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="feddpd-clients-") as tmp:
         for k in opts.clients:
-            for together in (True, False):
+            modes = (True, False) if opts.one_by_one is None or k in opts.one_by_one else (True,)
+            for together in modes:
                 r = supplement_round(k, together, f"{tmp}/k{k}_{together}", opts.threads)
                 rows.append((k, "together" if together else "one by one", r))
                 print(f"K={k:3d} {rows[-1][1]:>10}: server {r['server_s']:6.1f} s = pool {r['pool']:.1f} + "
@@ -126,9 +129,10 @@ def cmd_clients(opts) -> None:
     base = next(r for k, mode, r in rows if mode == "together")
     for k in opts.clients:
         t = next(r for kk, mode, r in rows if kk == k and mode == "together")
-        o = next(r for kk, mode, r in rows if kk == k and mode != "together")
-        print(f"| {k} | {t['dpo_clients']} | {t['server_s']:.1f} | {o['server_s']:.1f} | {t['dpo']:.1f} | "
-              f"{o['dpo']:.1f} | {t['server_s'] / base['server_s']:.2f}x for {k / opts.clients[0]:.0f}x clients |")
+        o = next((r for kk, mode, r in rows if kk == k and mode != "together"), None)
+        alone = (f"{o['server_s']:.1f}", f"{o['dpo']:.1f}") if o else ("-", "-")
+        print(f"| {k} | {t['dpo_clients']} | {t['server_s']:.1f} | {alone[0]} | {t['dpo']:.1f} | {alone[1]} | "
+              f"{t['server_s'] / base['server_s']:.2f}x for {k / opts.clients[0]:.0f}x clients |")
 
 
 def _values(run_dir: Path, key: str, last: int = 10):
@@ -188,6 +192,8 @@ def main():
     c = sub.add_parser("clients")
     c.add_argument("clients", type=int, nargs="+")
     c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--one-by-one", type=int, nargs="*", default=None,
+                   help="client counts to also run one client after another (default: all)")
     v = sub.add_parser("validate")
     v.add_argument("dir")
     opts = parser.parse_args()

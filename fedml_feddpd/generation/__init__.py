@@ -37,5 +37,6 @@ __all__ = [
     "cache_key", "sample", "sample_jobs", "routed", "set_trainable_adapters",
     "labels_for_counts", "add_adapter", "set_active_adapter", "active_adapter", "using_adapter", "adapters_disabled",
     "adapter_names", "has_adapter", "adapter_parameters", "adapter_size", "save_adapter", "load_adapter",
-    "delete_adapter", "lora_config", "train_dpo_adapter", "train_dpo_adapters", "build_dpo_trainer", "dpo_config", "DiffusionDPOTrainer",
+    "delete_adapter", "lora_config", "train_dpo_adapter", "train_dpo_adapters", "build_dpo_trainer", "dpo_config",
+    "DiffusionDPOTrainer",
 ]

@@ -34,8 +34,9 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 from trl.trainer.base_trainer import _BaseTrainer  # noqa: E402
 
 from ..errors import ConfigError  # noqa: E402
-from .adapters import (adapter_parameters, adapters_disabled, add_adapter, has_adapter, set_active_adapter,  # noqa: E402
-                       set_trainable_adapters)
+from .adapters import (  # noqa: E402
+    adapter_parameters, adapters_disabled, add_adapter, has_adapter, set_active_adapter, set_trainable_adapters,
+)
 from .config import LOSS_TYPES, DPOSettings, image_shape_of  # noqa: E402
 
 # The TRL releases whose DPOTrainer internals this module is written against; setup.py pins the same range.

@@ -170,7 +170,7 @@ def cmd_validate(opts) -> None:
     print(f"validation top-1 (last 10 rounds), 8 seeds: default {100 * np.mean(val['default']):.2f}, "
           f"fast {100 * np.mean(val['fast']):.2f}, dpo:false {100 * np.mean(val['nodpo']):.2f}")
     print(f"fast - default: {fast['mean_diff']:+.2f} points [{fast['ci95_low']:+.2f}, {fast['ci95_high']:+.2f}], "
-          f"paired t p {fast['t_p']}, Wilcoxon p {fast['wilcoxon_p']}; server seconds fast/default {cost:.2f}")
+          f"paired t p {fast['t_p']:.3f}, Wilcoxon p {fast['wilcoxon_p']:.3f}; server seconds fast/default {cost:.2f}")
     better = fast["ci95_low"] > 0
     cheaper_no_loss = cost <= 0.75 and fast["mean_diff"] >= -0.25 and fast["ci95_low"] >= -1.0
     print("rule: adopt 'fast'" if better or cheaper_no_loss else "rule: keep the defaults",

@@ -142,12 +142,12 @@ def run_suite(path: str, out_dir: str | None = None, show_progress: bool = True,
 
 
 def _expected_cost(cfg: RunConfig) -> int:
-    """Rank of a run's expected server time (docs/results/compare_digits, IF 10: FedDPD with DPO ~970 s,
-    Balance ~510 s, every other method under 80 s)."""
+    """Rank of a run's expected wall time (docs/results/compare_digits_if10_eb53a08, IF 10, 1 thread: Balance
+    ~350 s, FedDPD with DPO ~190 s, every other method under 90 s)."""
     method, feddpd = cfg.sections["train_args"]["federated_optimizer"], cfg.sections["feddpd"]
-    if method == "FedDPD" and feddpd["dpo"] and feddpd["selection"] == "discrepancy":
+    if method == "Balance":
         return 2
-    return 1 if method == "Balance" else 0
+    return 1 if method == "FedDPD" and feddpd["dpo"] and feddpd["selection"] == "discrepancy" else 0
 
 
 def _run_one(cfg: RunConfig, out_dir: str) -> None:

@@ -69,14 +69,8 @@ class GeneratorService:
         self.sample_threads = sample_threads
 
     def sample(self, class_counts, seed: int, adapter: Optional[str] = None):
-        from .generation import adapters_disabled, sample, using_adapter
-
-        unet = self.generator.unet
-        with torch_threads(self.sample_threads or torch.get_num_threads()), \
-                (using_adapter(unet, adapter) if adapter else adapters_disabled(unet)):
-            return sample(unet, self.generator.scheduler, [int(c) for c in class_counts],
-                          steps=self.sample_steps, seed=seed, guidance_scale=self.guidance_scale,
-                          null_class=self.generator.null_class, sampler=self.sampler)
+        """Images for `class_counts` from `seed`, through `adapter` (None: the base UNet)."""
+        return self.sample_many({0: (class_counts, seed, adapter)})[0]
 
     def sample_many(self, jobs: dict) -> dict:
         """{key: (class_counts, seed, adapter or None)} -> {key: (images, labels)}, every job in shared UNet

@@ -43,6 +43,10 @@ NEUTRAL_KEYS = {("run_args", "output_dir"), ("run_args", "torch_threads"), ("run
                 # where the gRPC parties listen and how long they wait: a resumed server may move or wait longer
                 ("comm_args", "grpc_ipconfig_path"), ("comm_args", "comm_timeout_s")}
 
+# Keys added after runs were recorded, with the value that reproduces those runs: at that value a key is left
+# out of a run's identity, so runs made before it existed stay valid (any other value is a different run).
+ADDED_LATER = {("feddpd", "keep_previous"): 0.0}
+
 
 def _run_identity(sections: dict) -> dict:
     """The settings a run's numbers depend on: all but NEUTRAL_KEYS, the plugin sections and keys its
@@ -57,7 +61,8 @@ def _run_identity(sections: dict) -> dict:
             if section not in method.reads:
                 continue
             wanted = method.reads[section]
-            keep[section] = {k: v for k, v in body.items() if wanted is methods.ALL or k in wanted}
+            keep[section] = {k: v for k, v in body.items() if (wanted is methods.ALL or k in wanted)
+                             and not ((section, k) in ADDED_LATER and v == ADDED_LATER[section, k])}
             continue
         keep[section] = {k: v for k, v in body.items() if (section, k) not in NEUTRAL_KEYS
                          and not (section == "train_args" and k in others)}

@@ -126,6 +126,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "tau": _float(0.0, 1.0, default=_FEDDPD.tau),
         "supplement_ratio": _float(0.0, default=_FEDDPD.supplement_ratio),
         "supplement_weight": _float(0.0, default=_FEDDPD.supplement_weight),
+        "keep_previous": _float(0.0, 1.0, default=_FEDDPD.keep_previous, high_open=True),
         "pair_quantile": _float(0.0, 0.5, default=_FEDDPD.pair_quantile, low_open=True),
         "oversample": _float(1.0, default=_FEDDPD.oversample),
         "dpo": _bool(_FEDDPD.dpo),

@@ -22,7 +22,7 @@ from .schema import Key, choice_key, float_key
 PLUGIN_SECTIONS = ("feddpd", "dpo_args", "generator")
 ALL = None  # in `reads`: every key of the section
 # The `feddpd:` keys the server step and the delivery of any supplement method read.
-SCHEDULE = ("warmup_rounds", "supplement_every", "supplement_weight")
+SCHEDULE = ("warmup_rounds", "supplement_every", "supplement_weight", "keep_previous")
 
 WITHIN = "within FedAvg's boundary: model parameters and sample counts only"
 LABEL_COUNTS = "breaks the boundary: the server uses each client's label counts"

@@ -224,6 +224,19 @@ class FedDPDPolicy(SupplementPolicy):
         return out
 
 
+def with_kept(new: Supplement, previous: Supplement, share: float, rng: np.random.Generator) -> Supplement:
+    """`new` plus a random `share` of `previous` (feddpd.keep_previous): the supplement a client trains on
+    changes gradually instead of all at once. Applied at every switch, an image survives k switches with
+    probability share**k, so a supplement holds at most B / (1 - share) images."""
+    n = int(round(share * len(previous.labels)))
+    if n == 0:
+        return new
+    keep = torch.as_tensor(np.sort(rng.choice(len(previous.labels), size=n, replace=False)))
+    return Supplement(torch.cat([new.images, previous.images[keep].to(new.images.dtype)]),
+                      torch.cat([new.labels, previous.labels[keep].to(new.labels.dtype)]),
+                      {**new.stats, "kept": n})
+
+
 class StageTimer:
     """Seconds per named server stage (pool, scoring, dpo, generation) within one round, and a
     status line for the progress bar while the server works through the clients."""
@@ -286,7 +299,11 @@ class ServerStep:
         timer = StageTimer(self.status)
         supplements = self.policy.build_supplements(round_idx, global_state, uploads, self.scorer,
                                                     self.generator, timer)
-        for cid, sup in supplements.items():
+        keep = self.policy.settings.keep_previous
+        for cid, sup in list(supplements.items()):
+            if keep and cid in self.delivered:  # part of the previous supplement stays (damps the switch)
+                rng = np.random.default_rng([self.policy.seed, round_idx, cid])
+                supplements[cid] = sup = with_kept(sup, self.delivered[cid], keep, rng)
             self.deliver_supplement(cid, sup)
         self.log[round_idx] = {
             "server_stage_seconds": timer.seconds,

@@ -25,6 +25,7 @@ BAD_INPUTS = [
     ("feddpd", "supplement_ratio", -0.1, "feddpd.supplement_ratio: expected a number in [0, inf), got -0.1"),
     ("feddpd", "tau", 1.5, "feddpd.tau: expected a number in [0, 1], got 1.5"),
     ("feddpd", "tau", -0.2, "feddpd.tau: expected a number in [0, 1], got -0.2"),
+    ("feddpd", "keep_previous", 1.0, "feddpd.keep_previous: expected a number in [0, 1), got 1.0"),
     ("dpo_args", "loss_type", "kto", "dpo_args.loss_type: expected one of sigmoid, hinge, ipo, got 'kto'"),
     ("run_args", "checkpoint_every", -1, "run_args.checkpoint_every: expected an integer >= 0, got -1"),
 ]

@@ -147,3 +147,56 @@ def test_anything_but_parameters_is_refused_at_the_boundary(experiment, traced):
     assert step.delivered == before
     # what the policies keep: settings and seeds, never client data (Balance/Oracle are the marked exceptions)
     assert set(vars(step.policy)) == {"settings", "num_classes", "seed"}
+
+
+def _sup(label: int, n: int):
+    from fedml_feddpd.supplement import Supplement
+
+    return Supplement(torch.full((n, 1, 2, 2), float(label)) + torch.arange(n).view(n, 1, 1, 1) / 100,
+                      torch.full((n,), label), {"size": n})
+
+
+def test_a_new_supplement_keeps_a_random_share_of_the_previous_one():
+    from fedml_feddpd.supplement import with_kept
+
+    new, previous = _sup(1, 4), _sup(7, 10)
+    mixed = with_kept(new, previous, 0.5, np.random.default_rng(0))
+    assert torch.equal(mixed.images[:4], new.images) and mixed.stats == {"size": 4, "kept": 5}
+    kept = mixed.images[4:]
+    assert len(kept) == 5 and len({tuple(x.flatten().tolist()) for x in kept}) == 5   # 5 distinct old images
+    assert all(any(torch.equal(x, y) for y in previous.images) for x in kept) and (mixed.labels[4:] == 7).all()
+    again = with_kept(new, previous, 0.5, np.random.default_rng(0))
+    assert torch.equal(again.images, mixed.images)
+    assert with_kept(new, _sup(7, 1), 0.4, np.random.default_rng(0)) is new   # round(0.4) = 0 images
+    held = _sup(0, 10)
+    for r in range(40):   # kept at every switch: bounded by B / (1 - share)
+        held = with_kept(_sup(r % 9, 10), held, 0.5, np.random.default_rng(r))
+        assert len(held.labels) <= 20
+
+
+def test_server_step_keeps_part_of_what_a_client_held(experiment):
+    """feddpd.keep_previous: at a client's second supplement, the step delivers the policy's new one plus
+    the share of what that client held; a client's first supplement is the policy's own."""
+    import dataclasses
+
+    from fedml_feddpd.supplement import ClientUpload, ServerStep
+
+    class Fixed:
+        settings = dataclasses.replace(experiment.recorder.server_step.policy.settings, warmup_rounds=0,
+                                       supplement_every=1, keep_previous=0.5)
+        seed = 3
+
+        def build_supplements(self, round_idx, global_state, uploads, scorer, generator, timer):
+            return {up.client_id: _sup(round_idx, 6) for up in uploads}
+
+    got = []
+    step = ServerStep(Fixed(), experiment.recorder.server_step.scorer, None, last_round=5,
+                      deliver=lambda cid, sup: got.append((cid, sup)))
+    state = experiment.model.state_dict()
+    step(0, state, [ClientUpload(1, 10, state)])
+    step(1, state, [ClientUpload(1, 10, state), ClientUpload(2, 10, state)])
+    (_, first), (_, second), (_, fresh) = got
+    assert len(first.labels) == 6 and "kept" not in first.stats
+    assert second.labels.tolist() == [1] * 6 + [0] * 3 and second.stats["kept"] == 3
+    assert len(fresh.labels) == 6   # client 2 held nothing
+    assert step.log[1]["supplements"]["1"]["kept"] == 3

@@ -1,6 +1,7 @@
 """A run killed with SIGKILL mid-run resumes from its checkpoint to the same metrics as an uninterrupted
 run, for every supplement method; unusable checkpoints stop `--resume` with one line and exit 2, leaving
 the folder as it was."""
+import json
 import os
 import shutil
 import signal
@@ -109,6 +110,8 @@ def test_every_supplement_method_resumes_to_identical_metrics(method, tmp_path, 
     raw["train_args"].update(comm_round=SUPPLEMENT_ROUNDS, federated_optimizer=method)
     raw["data_args"]["oracle_fraction"] = 0.1  # Oracle's held-out real data (the same split for every method)
     raw["feddpd"].update(warmup_rounds=0, supplement_every=1)
+    if method == "Balance@B":  # the kept share of the previous supplement is drawn the same after a resume
+        raw["feddpd"]["keep_previous"] = 0.5
     raw["generator"].update(pretrain_steps=10, sample_steps=2, guidance_scale=1.0, block_out_channels=[8, 16],
                             norm_num_groups=4, attention_head_dim=8, cache_dir=str(tiny_generator_cache))
     raw["run_args"].update(baseline="none", generator_threads=1)
@@ -143,6 +146,8 @@ def test_every_supplement_method_resumes_to_identical_metrics(method, tmp_path, 
     assert resumed["final"] == reference["final"]
     supplied = [r["round"] for r in resumed["rounds"] if r.get("server_step", {}).get("supplements")]
     assert supplied == [0, 1]  # one supplement before the kill, one after the resume
+    if method == "Balance@B":
+        assert all(s["kept"] > 0 for s in resumed["rounds"][1]["server_step"]["supplements"].values())
 
     capsys.readouterr()
     if method == "FedDiff":  # its shared set cannot be rebuilt: refused in one line, the folder as it was
@@ -207,6 +212,8 @@ def test_checkpoint_of_another_config_is_refused(half_run, capsys):
     ("Balance", "feddpd", ("supplement_ratio", 2.0), False),  # its budget is what flattening takes
     ("Balance", "feddpd", ("warmup_rounds", 40), True),
     ("FedAvg", "train_args", ("learning_rate", 0.05), True),
+    ("FedDPD", "feddpd", ("keep_previous", 0.5), True),
+    ("FedAvg", "feddpd", ("keep_previous", 0.5), False),
 ])
 def test_a_finished_run_is_reused_only_while_what_its_method_reads_is_unchanged(method, key, value, matters):
     from fedml_feddpd.checkpoint import _run_identity
@@ -218,3 +225,17 @@ def test_a_finished_run_is_reused_only_while_what_its_method_reads_is_unchanged(
     assert changed[key][value[0]] != value[1]  # a real change
     changed[key][value[0]] = value[1]
     assert (_run_identity(sections) != _run_identity(changed)) == matters
+
+
+def test_runs_recorded_before_a_key_existed_stay_valid_at_its_neutral_value():
+    """checkpoint.ADDED_LATER: a finished run without feddpd.keep_previous is the run with keep_previous 0."""
+    from fedml_feddpd.checkpoint import _run_identity
+    from fedml_feddpd.config import load_config
+
+    sections = json.loads(json.dumps(load_config(os.path.join(ROOT, "configs", "digits_feddpd.yaml")).sections))
+    assert sections["feddpd"]["keep_previous"] == 0.0
+    old = json.loads(json.dumps(sections))
+    del old["feddpd"]["keep_previous"]
+    assert _run_identity(sections) == _run_identity(old)
+    sections["feddpd"]["keep_previous"] = 0.5
+    assert _run_identity(sections) != _run_identity(old)

@@ -16,6 +16,9 @@ class FedDPDSettings:
     tau: float = 0.2
     supplement_ratio: float = 0.5
     supplement_weight: float = 1.0
+    # when a client's supplement is replaced, the share of its previous one it keeps (a random subset, so the
+    # supplement changes gradually; 0: replaced outright). Its size stays bounded: at most B / (1 - keep).
+    keep_previous: float = 0.0
     pair_quantile: float = 0.25
     oversample: float = 1.0
     dpo: bool = True

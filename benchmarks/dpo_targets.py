@@ -2,7 +2,10 @@
 
     python benchmarks/dpo_targets.py main                  # the README's first command: generator cached, then cold
     python benchmarks/dpo_targets.py clients 10 20         # server seconds of one supplement round vs clients
+    python benchmarks/dpo_targets.py clients 10 20 40 --imbalance-factor 1 --alpha 0.5 --one-by-one 10
     python benchmarks/dpo_targets.py validate runs/validate_dpo_digits   # the default rule + server-time ratio
+    python benchmarks/dpo_targets.py switch runs/validate_switch_digits  # the keep_previous rule
+    python benchmarks/dpo_targets.py pool-short runs/explore_pool_short_digits  # DPO where the pool runs short
 
 `main` runs the README's first command as a subprocess (FedDPD then FedAvg on digits, 150 rounds) twice: with the
 generator cache as it is, then with an empty cache folder (generator.cache_dir), so pretraining is included.
@@ -86,7 +89,8 @@ def _sequential(service_cls):
                     setattr(service_cls, "sample_many", original_sample))
 
 
-def supplement_round(clients: int, together: bool, out: str, threads: int) -> dict:
+def supplement_round(clients: int, together: bool, out: str, threads: int, alpha: float = 0.1,
+                     imbalance_factor: float = 10.0) -> dict:
     from fedml_feddpd.config import validate
     from fedml_feddpd.runner import run
     from fedml_feddpd.supplement import GeneratorService
@@ -94,9 +98,10 @@ def supplement_round(clients: int, together: bool, out: str, threads: int) -> di
     raw = yaml.safe_load((ROOT / MAIN_CONFIG).read_text())
     # 22 rounds: one supplement round, after round 20 (there is none after the last round)
     raw["train_args"].update(client_num_in_total=clients, client_num_per_round=clients, comm_round=22)
-    # FedML insists on 10 samples a client and redraws Dirichlet(0.1) shares until it gets them: at IF 10
-    # (396 training images) 30 clients already did not finish in 13 min, so K <= 20 here
-    raw["data_args"]["min_client_size"] = 10
+    # FedML insists on 10 samples a client and redraws Dirichlet shares until it gets them: at IF 10 and
+    # alpha 0.1 (396 training images) no draw in 20000 gives 30 clients that, so K <= 20 there; at IF 1 and
+    # alpha 0.5 (~900 images) 40 clients partition at once
+    raw["data_args"].update(min_client_size=10, partition_alpha=alpha, imbalance_factor=imbalance_factor)
     raw["run_args"].update(baseline="none", torch_threads=threads, generator_threads=threads)
     restore = None if together else _sequential(GeneratorService)
     try:
@@ -114,13 +119,15 @@ def supplement_round(clients: int, together: bool, out: str, threads: int) -> di
 
 
 def cmd_clients(opts) -> None:
-    print(f"before: {load()}; torch threads {opts.threads}")
+    print(f"before: {load()}; torch threads {opts.threads}; digits IF {opts.imbalance_factor:g}, "
+          f"Dirichlet {opts.alpha:g}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="feddpd-clients-") as tmp:
         for k in opts.clients:
             modes = (True, False) if opts.one_by_one is None or k in opts.one_by_one else (True,)
             for together in modes:
-                r = supplement_round(k, together, f"{tmp}/k{k}_{together}", opts.threads)
+                r = supplement_round(k, together, f"{tmp}/k{k}_{together}", opts.threads, opts.alpha,
+                                     opts.imbalance_factor)
                 rows.append((k, "together" if together else "one by one", r))
                 print(f"K={k:3d} {rows[-1][1]:>10}: server {r['server_s']:6.1f} s = pool {r['pool']:.1f} + "
                       f"scoring {r['scoring']:.1f} + dpo {r['dpo']:.1f} + generation {r['generation']:.1f} "
@@ -187,6 +194,88 @@ def cmd_validate(opts) -> None:
               f"= {ratio:.2f}x ({'meets' if ratio <= 2 else 'misses'} the 2x target)")
 
 
+SWITCHES = (60, 100, 140)  # the supplement rounds after the first (warmup 20, every 40, 150 rounds)
+
+
+def _dip(rounds: list, key: str = "val_top1") -> float:
+    """Mean over the switches of (mean accuracy in rounds r+1..r+3) - accuracy in round r."""
+    v = {r["round"]: r[key] for r in rounds if r.get(key) is not None}
+    return float(np.mean([np.mean([v[r + k] for k in (1, 2, 3)]) - v[r] for r in SWITCHES]))
+
+
+def _suite(base: Path, names: dict, seeds: list, suite: str) -> dict:
+    """{key: {"val", "test", "test10", "dip", "test_dip", "server", "held"}: one value per seed}."""
+    from fedml_feddpd.compare_report import _slug
+
+    out = {}
+    for key, name in names.items():
+        rows = out[key] = {k: [] for k in ("val", "test", "test10", "dip", "test_dip", "server", "held", "budget")}
+        for s in seeds:
+            d = base / _slug(name) / f"seed{s}"
+            if not (d / "metrics.json").is_file():
+                sys.exit(f"{d}/metrics.json missing; expected the finished suite "
+                         f"(python -m fedml_feddpd compare --cf configs/{suite}.yaml)")
+            v, m = _values(d, "val_top1")
+            rows["val"].append(v)
+            rows["test"].append(m["final"]["top1"])
+            rows["test10"].append(_values(d, "top1")[0])
+            rows["dip"].append(_dip(m["rounds"]))
+            rows["test_dip"].append(_dip(m["rounds"], "top1"))
+            rows["server"].append(m["server_seconds_total"])
+            sups = [x for r in m["rounds"] for x in (r.get("server_step") or {}).get("supplements", {}).values()]
+            rows["held"].append(np.mean([x["size"] + x.get("kept", 0) for x in sups]))
+            rows["budget"].append(np.mean([x["size"] / max(x["budget"], 1) for x in sups]))
+    return out
+
+
+def _pp(a, b) -> dict:
+    """Paired a - b in percentage points (stats.paired)."""
+    from fedml_feddpd import stats
+
+    p = stats.paired(a, b)
+    return {k: v * 100 if k in ("mean_diff", "ci95_low", "ci95_high") and v is not None else v for k, v in p.items()}
+
+
+def _line(p: dict) -> str:
+    return (f"{p['mean_diff']:+.2f} [{p['ci95_low']:+.2f}, {p['ci95_high']:+.2f}] (t p {p['t_p']:.3f}, "
+            f"Wilcoxon p {p['wilcoxon_p']:.3f})")
+
+
+def cmd_switch(opts) -> None:
+    """The rule of configs/validate_switch_digits.yaml."""
+    names = {"default": "FedDPD", "keep": "FedDPD (keep_previous: 0.5)"}
+    r = _suite(Path(opts.dir) / "runs" / "IF=10", names, list(range(8)), "validate_switch_digits")
+    prim, dip = _pp(r["keep"]["val"], r["default"]["val"]), _pp(r["keep"]["dip"], r["default"]["dip"])
+    for key, name in names.items():
+        print(f"{name}: validation top-1 (last 10) {100 * np.mean(r[key]['val']):.2f}, dip after switches "
+              f"{100 * np.mean(r[key]['dip']):+.2f} points (worst seed {100 * min(r[key]['dip']):+.2f}), "
+              f"images held per client {np.mean(r[key]['held']):.1f}, server s {np.mean(r[key]['server']):.0f}")
+    print(f"keep - default, validation top-1: {_line(prim)}")
+    print(f"keep - default, dip: {_line(dip)}")
+    better = prim["ci95_low"] > 0
+    damped = dip["ci95_low"] > 0 and prim["mean_diff"] >= -0.25 and prim["ci95_low"] >= -1.0
+    print("rule: adopt keep_previous 0.5" if better or damped else "rule: keep_previous stays 0",
+          f"(better: {better}; smaller dip at no loss: {damped})")
+    print(f"looked at after the decision, test top-1 (final): keep - default "
+          f"{_line(_pp(r['keep']['test'], r['default']['test']))}; test dip: "
+          f"{_line(_pp(r['keep']['test_dip'], r['default']['test_dip']))}")
+
+
+def cmd_pool_short(opts) -> None:
+    """FedDPD against dpo:false where the budget exceeds the pool (configs/explore_pool_short_digits.yaml)."""
+    names = {"dpo": "FedDPD", "nodpo": "FedDPD (dpo: false)"}
+    r = _suite(Path(opts.dir) / "runs" / "IF=10", names, list(range(5)), "explore_pool_short_digits")
+    for key, name in names.items():
+        print(f"{name}: validation top-1 (last 10) {100 * np.mean(r[key]['val']):.2f}, test top-1 final "
+              f"{100 * np.mean(r[key]['test']):.2f}, last 10 {100 * np.mean(r[key]['test10']):.2f}; supplement "
+              f"{np.mean(r[key]['held']):.1f} images a client = {100 * np.mean(r[key]['budget']):.0f}% of its budget; "
+              f"server s {np.mean(r[key]['server']):.0f}")
+    for metric, label in (("val", "validation top-1 (last 10)"), ("test", "test top-1 (final)"),
+                          ("test10", "test top-1 (last 10)")):
+        print(f"FedDPD - dpo:false, {label}: {_line(_pp(r['dpo'][metric], r['nodpo'][metric]))}")
+    print(f"server seconds FedDPD / dpo:false: {np.mean(r['dpo']['server']) / np.mean(r['nodpo']['server']):.2f}x")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -194,12 +283,17 @@ def main():
     c = sub.add_parser("clients")
     c.add_argument("clients", type=int, nargs="+")
     c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--alpha", type=float, default=0.1, help="Dirichlet partition_alpha (default 0.1)")
+    c.add_argument("--imbalance-factor", type=float, default=10.0, help="digits imbalance factor (default 10)")
     c.add_argument("--one-by-one", type=int, nargs="*", default=None,
                    help="client counts to also run one client after another (default: all)")
     v = sub.add_parser("validate")
     v.add_argument("dir")
+    sub.add_parser("switch").add_argument("dir")
+    sub.add_parser("pool-short").add_argument("dir")
     opts = parser.parse_args()
-    {"main": cmd_main, "clients": cmd_clients, "validate": cmd_validate}[opts.cmd](opts)
+    {"main": cmd_main, "clients": cmd_clients, "validate": cmd_validate, "switch": cmd_switch,
+     "pool-short": cmd_pool_short}[opts.cmd](opts)
 
 
 if __name__ == "__main__":

@@ -97,3 +97,31 @@ def test_validation_split_held_out_of_the_pool_with_same_profile(labels):
     assert sorted(s.validation.tolist() + s.train.tolist()) == sorted(base.train.tolist())
     val_counts = np.bincount(labels[s.validation], minlength=10)
     assert val_counts.tolist() == np.round(0.25 * np.bincount(labels[base.train], minlength=10)).astype(int).tolist()
+
+
+@pytest.mark.parametrize("clients, alpha, min_size", [(10, 0.1, 10), (10, 0.1, 14), (20, 0.5, 10)])
+def test_dirichlet_partition_is_fedmls_partition(labels, clients, alpha, min_size):
+    """The bounded loop draws as FedML's non_iid_partition_with_dirichlet_distribution does (same parts, same
+    order within a client), redrawing while a client has fewer than min_size samples."""
+    from fedml.core.data.noniid_partition import non_iid_partition_with_dirichlet_distribution as fedml_partition
+
+    state = np.random.get_state()
+    np.random.seed(5)
+    while True:
+        theirs = fedml_partition(labels, clients, 10, alpha)
+        if min(len(p) for p in theirs.values()) >= min_size:
+            break
+    np.random.set_state(state)
+    ours = dirichlet_partition(labels, clients, 10, alpha, min_size, seed=5)
+    assert all(np.array_equal(ours[c], np.sort(theirs[c])) for c in range(clients))
+
+
+def test_an_improbable_partition_is_one_line_not_a_hang(labels):
+    """FedML's own loop never gives up (noniid_partition.py:42); 60 clients x >= 12 of the samples at alpha 0.05
+    essentially never happens, and the draw limit turns that into an error naming the key."""
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"data_args.min_client_size: no Dirichlet\(0.05\) partition .* in 200 draws"):
+        dirichlet_partition(labels[:800], 60, 10, 0.05, 12, seed=0, max_draws=200)
+    assert time.perf_counter() - start < 10

@@ -125,11 +125,16 @@ def natural_partition(writers: np.ndarray, client_num: int, min_size: int, seed:
 
 
 def dirichlet_partition(labels: np.ndarray, client_num: int, num_classes: int, alpha: float,
-                        min_size: int, seed: int, max_tries: int = 1000) -> dict[int, np.ndarray]:
+                        min_size: int, seed: int, max_draws: int = 20000) -> dict[int, np.ndarray]:
     """FedML's Dirichlet(alpha) label partition ('hetero'), seeded, redrawn until every client has
-    at least `min_size` samples. FedML's function already insists on 10 and loops forever when that
-    is impossible, so impossible sizes are rejected here first."""
-    from fedml.core.data.noniid_partition import non_iid_partition_with_dirichlet_distribution
+    at least `min_size` samples.
+
+    FedML's non_iid_partition_with_dirichlet_distribution (core/data/noniid_partition.py:6, its loop :42-84) redraws
+    until every client has 10 samples, with no limit: an improbable size (30 clients on digits IF 10) hung
+    for good. Its loop is repeated here with FedML's own per-class draw
+    (partition_class_samples_with_dirichlet_distribution) and a limit, drawing numbers in the same order,
+    so a partition FedML finds is the one found here."""
+    from fedml.core.data.noniid_partition import partition_class_samples_with_dirichlet_distribution as draw_class
 
     need = max(min_size, 10)
     if client_num * need > len(labels):
@@ -139,14 +144,22 @@ def dirichlet_partition(labels: np.ndarray, client_num: int, num_classes: int, a
     state = np.random.get_state()
     np.random.seed(seed)
     try:
-        for _ in range(max_tries):
-            parts = non_iid_partition_with_dirichlet_distribution(labels, client_num, num_classes, alpha)
-            if min(len(p) for p in parts.values()) >= min_size:
-                return {cid: np.sort(np.asarray(p, dtype=int)) for cid, p in parts.items()}
+        for _ in range(max_draws):
+            idx_batch, smallest = [[] for _ in range(client_num)], 0
+            for k in range(num_classes):
+                idx_batch, smallest = draw_class(len(labels), alpha, client_num, idx_batch,
+                                                 np.where(labels == k)[0])
+            if smallest < 10:  # FedML's own minimum: it redraws without shuffling
+                continue
+            for batch in idx_batch:
+                np.random.shuffle(batch)
+            if smallest >= min_size:
+                return {cid: np.sort(np.asarray(p, dtype=int)) for cid, p in enumerate(idx_batch)}
     finally:
         np.random.set_state(state)
-    raise ValueError(f"data_args.min_client_size: no Dirichlet({alpha}) partition in {max_tries} draws gave "
-                     f"every client >= {min_size} samples; lower it or raise partition_alpha")
+    raise ValueError(f"data_args.min_client_size: no Dirichlet({alpha}) partition of {len(labels)} samples over "
+                     f"{client_num} clients in {max_draws} draws gave every client >= {need} samples; use fewer "
+                     "clients, a larger partition_alpha or a smaller min_client_size (FedML's minimum is 10)")
 
 
 def homogeneous_partition(n: int, client_num: int, seed: int) -> dict[int, np.ndarray]:

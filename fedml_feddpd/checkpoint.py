@@ -55,13 +55,15 @@ def _run_identity(sections: dict) -> dict:
     name = (sections.get("train_args") or {}).get("federated_optimizer")
     method = methods.REGISTRY.get(name, methods.Method(str(name), ""))
     others = {k for m in methods.REGISTRY.values() if m is not method for k in m.options} - set(method.options)
+    unread = method.unread(sections) if method.unread else {}
     keep = {}
     for section, body in sections.items():
         if section in methods.PLUGIN_SECTIONS:
-            if section not in method.reads:
+            if section not in method.reads or (section in unread and unread[section] is methods.ALL):
                 continue
-            wanted = method.reads[section]
+            wanted, unused = method.reads[section], unread.get(section) or ()
             keep[section] = {k: v for k, v in body.items() if (wanted is methods.ALL or k in wanted)
+                             and k not in unused
                              and not ((section, k) in ADDED_LATER and v == ADDED_LATER[section, k])}
             continue
         keep[section] = {k: v for k, v in body.items() if (section, k) not in NEUTRAL_KEYS

@@ -53,6 +53,9 @@ class Method:
     # FedProxTrainer(dataset, model, device, args) against FedAvgAPI(args, device, dataset, model)
     api_args: str = "args_first"
     check: Optional[Callable[[dict], None]] = None  # cross-key check on the validated sections
+    # keys of `reads` that a given config leaves unused (section -> keys, ALL: the whole section): they stay
+    # out of the run's identity, so e.g. FedDPD with dpo: false does not depend on dpo_args
+    unread: Optional[Callable[[dict], Mapping[str, Optional[tuple]]]] = None
     # False (or a function of the sections): the method keeps server or client state that checkpoint.py does not
     # save, so it writes no checkpoints and `run --resume` is refused with one line
     resumable: object = True
@@ -125,9 +128,18 @@ register(Method("FedAvg", "FedML's FedAvg", backends=ALL_BACKENDS))
 register(Method("FedProx", "FedML's FedProx (proximal term fedprox_mu)",
                 api="fedml.simulation.sp.fedprox.fedprox_trainer:FedProxTrainer", api_args="dataset_first",
                 options={"fedprox_mu": float_key(0.0, default=0.1)}))
+def _feddpd_unread(sections: dict) -> dict:
+    """Without DPO (dpo: false, or selection: random) FedDPD trains no adapter (supplement.FedDPDPolicy)."""
+    feddpd = sections.get("feddpd") or {}
+    if feddpd.get("dpo", True) and feddpd.get("selection", "discrepancy") != "random":
+        return {}
+    return {"dpo_args": ALL, "feddpd": ("candidates", "oversample", "pair_quantile")}
+
+
 register(Method("FedDPD", "discrepancy-guided, Diffusion-DPO-adapted synthetic supplements",
                 policy="fedml_feddpd.supplement:FedDPDPolicy",
-                reads={"feddpd": ALL, "dpo_args": ALL, "generator": ALL}, backends=ALL_BACKENDS))
+                reads={"feddpd": ALL, "dpo_args": ALL, "generator": ALL}, backends=ALL_BACKENDS,
+                unread=_feddpd_unread))
 register(Method("FedDiff", "one class-balanced synthetic set shared by every client",
                 policy="baselines.feddiff:FedDiffPolicy",
                 reads={"feddpd": SCHEDULE + ("supplement_ratio",), "generator": ALL}, backends=ALL_BACKENDS))

@@ -227,6 +227,25 @@ def test_a_finished_run_is_reused_only_while_what_its_method_reads_is_unchanged(
     assert (_run_identity(sections) != _run_identity(changed)) == matters
 
 
+def test_feddpd_without_dpo_does_not_depend_on_the_dpo_keys():
+    from fedml_feddpd.checkpoint import _run_identity
+    from fedml_feddpd.config import load_config
+
+    sections = load_config(os.path.join(ROOT, "configs", "digits_feddpd.yaml")).sections
+    for off in ({"dpo": False}, {"selection": "random"}):
+        base = {s: dict(body) for s, body in sections.items()}
+        base["feddpd"].update(off)
+        changed = {s: dict(body) for s, body in base.items()}
+        changed["dpo_args"].update(max_steps=30, warm_start=False)
+        changed["feddpd"].update(candidates="adapter", oversample=2.0)
+        assert _run_identity(base) == _run_identity(changed)
+        changed["feddpd"]["tau"] = 0.5   # still read
+        assert _run_identity(base) != _run_identity(changed)
+    changed = {s: dict(body) for s, body in sections.items()}   # with DPO they matter
+    changed["dpo_args"]["max_steps"] = 30
+    assert _run_identity(sections) != _run_identity(changed)
+
+
 def test_runs_recorded_before_a_key_existed_stay_valid_at_its_neutral_value():
     """checkpoint.ADDED_LATER: a finished run without feddpd.keep_previous is the run with keep_previous 0."""
     from fedml_feddpd.checkpoint import _run_identity

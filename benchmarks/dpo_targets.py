@@ -3,6 +3,7 @@
     python benchmarks/dpo_targets.py main                  # the README's first command: generator cached, then cold
     python benchmarks/dpo_targets.py clients 10 20         # server seconds of one supplement round vs clients
     python benchmarks/dpo_targets.py clients 10 20 40 --imbalance-factor 1 --alpha 0.5 --one-by-one 10
+    python benchmarks/dpo_targets.py ratio --seeds 0 1     # FedDPD vs dpo:false server seconds, same split, one run
     python benchmarks/dpo_targets.py validate runs/validate_dpo_digits   # the default rule + server-time ratio
     python benchmarks/dpo_targets.py switch runs/validate_switch_digits  # the keep_previous rule
     python benchmarks/dpo_targets.py pool-short runs/explore_pool_short_digits  # DPO where the pool runs short
@@ -67,6 +68,30 @@ def cmd_main(_opts) -> None:
         verdict = "meets" if secs <= target else "misses"
         print(f"README first command, generator {'cached' if cached else 'cold'}: {secs:.0f} s "
               f"({verdict} the {target} s target); {load()}")
+
+
+def cmd_ratio(opts) -> None:
+    """FedDPD and `dpo: false` one after the other on the same split (the README's first config, no baseline):
+    server seconds per run and their ratio (target <= 2x)."""
+    from fedml_feddpd.config import validate
+    from fedml_feddpd.runner import run
+
+    print(f"before: {load()}; torch threads {opts.threads}")
+    totals = {True: [], False: []}
+    with tempfile.TemporaryDirectory(prefix="feddpd-ratio-") as tmp:
+        for seed in opts.seeds:
+            for dpo in (True, False):
+                raw = yaml.safe_load((ROOT / MAIN_CONFIG).read_text())
+                raw["common_args"]["random_seed"] = seed
+                raw["feddpd"]["dpo"] = dpo
+                raw["run_args"].update(baseline="none", torch_threads=opts.threads, generator_threads=opts.threads)
+                res = run(validate(raw, MAIN_CONFIG), f"{tmp}/s{seed}_{dpo}", show_progress=False)
+                totals[dpo].append(res["server_seconds_total"])
+                print(f"seed {seed} {'FedDPD' if dpo else 'dpo: false'}: server {res['server_seconds_total']:.1f} s, "
+                      f"top-1 {100 * res['final']['top1']:.1f}; {load()}", flush=True)
+    ratio = np.mean(totals[True]) / np.mean(totals[False])
+    print(f"server seconds per run: FedDPD {np.mean(totals[True]):.1f}, dpo: false {np.mean(totals[False]):.1f}, "
+          f"ratio {ratio:.2f}x ({'meets' if ratio <= 2 else 'misses'} the 2x target)")
 
 
 def _sequential(service_cls):
@@ -289,10 +314,13 @@ def main():
                    help="client counts to also run one client after another (default: all)")
     v = sub.add_parser("validate")
     v.add_argument("dir")
+    r = sub.add_parser("ratio")
+    r.add_argument("--seeds", type=int, nargs="+", default=[0])
+    r.add_argument("--threads", type=int, default=1)
     sub.add_parser("switch").add_argument("dir")
     sub.add_parser("pool-short").add_argument("dir")
     opts = parser.parse_args()
-    {"main": cmd_main, "clients": cmd_clients, "validate": cmd_validate, "switch": cmd_switch,
+    {"main": cmd_main, "clients": cmd_clients, "ratio": cmd_ratio, "validate": cmd_validate, "switch": cmd_switch,
      "pool-short": cmd_pool_short}[opts.cmd](opts)
 
 

@@ -289,7 +289,7 @@ def cmd_switch(opts) -> None:
 def cmd_pool_short(opts) -> None:
     """FedDPD against dpo:false where the budget exceeds the pool (configs/explore_pool_short_digits.yaml)."""
     names = {"dpo": "FedDPD", "nodpo": "FedDPD (dpo: false)"}
-    r = _suite(Path(opts.dir) / "runs" / "IF=10", names, list(range(5)), "explore_pool_short_digits")
+    r = _suite(Path(opts.dir) / "runs" / "IF=10", names, list(range(3)), "explore_pool_short_digits")
     for key, name in names.items():
         print(f"{name}: validation top-1 (last 10) {100 * np.mean(r[key]['val']):.2f}, test top-1 final "
               f"{100 * np.mean(r[key]['test']):.2f}, last 10 {100 * np.mean(r[key]['test10']):.2f}; supplement "

@@ -157,9 +157,10 @@ def dirichlet_partition(labels: np.ndarray, client_num: int, num_classes: int, a
                 return {cid: np.sort(np.asarray(p, dtype=int)) for cid, p in enumerate(idx_batch)}
     finally:
         np.random.set_state(state)
+    smaller = ", or a min_client_size nearer FedML's 10" if need > 10 else ""
     raise ValueError(f"data_args.min_client_size: no Dirichlet({alpha}) partition of {len(labels)} samples over "
-                     f"{client_num} clients in {max_draws} draws gave every client >= {need} samples; use fewer "
-                     "clients, a larger partition_alpha or a smaller min_client_size (FedML's minimum is 10)")
+                     f"{client_num} clients in {max_draws} draws gave every client >= {need} samples; expected "
+                     f"fewer clients or a larger partition_alpha{smaller}")
 
 
 def homogeneous_partition(n: int, client_num: int, seed: int) -> dict[int, np.ndarray]:

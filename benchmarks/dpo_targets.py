@@ -169,54 +169,10 @@ def cmd_clients(opts) -> None:
               f"{t['server_s'] / base['server_s']:.2f}x for {k / opts.clients[0]:.0f}x clients |")
 
 
-def _values(run_dir: Path, key: str, last: int = 10):
-    m = json.loads((run_dir / "metrics.json").read_text())
+def _last(m: dict, key: str, last: int = 10) -> float:
+    """Mean of `key` over a run's last `last` evaluated rounds (metrics.json loaded as `m`)."""
     vals = [r[key] for r in m["rounds"] if r.get(key) is not None]
-    return float(np.mean(vals[-last:])), m
-
-
-def cmd_validate(opts) -> None:
-    from fedml_feddpd import stats
-    from fedml_feddpd.compare_report import _slug
-
-    base = Path(opts.dir) / "runs" / "IF=10"
-    names = {"default": "FedDPD (default)", "fast": "FedDPD (fast)", "nodpo": "FedDPD (dpo: false)"}
-    seeds = list(range(8))
-    val, test, server = {}, {}, {}
-    for key, name in names.items():
-        folder = base / _slug(name)
-        val[key], test[key], server[key] = [], [], []
-        for s in seeds:
-            d = folder / f"seed{s}"
-            if not (d / "metrics.json").is_file():
-                sys.exit(f"validate: {d}/metrics.json missing; expected the finished suite "
-                         "(python -m fedml_feddpd compare --cf configs/validate_dpo_digits.yaml)")
-            v, m = _values(d, "val_top1")
-            val[key].append(v)
-            test[key].append(m["final"]["top1"])
-            server[key].append(m["server_seconds_total"])
-    def pct(p):  # differences in percentage points
-        return {k: v * 100 if k in ("mean_diff", "ci95_low", "ci95_high") and v is not None else v
-                for k, v in p.items()}
-
-    fast = pct(stats.paired(val["fast"], val["default"]))
-    cost = np.mean(server["fast"]) / np.mean(server["default"])
-    print(f"validation top-1 (last 10 rounds), 8 seeds: default {100 * np.mean(val['default']):.2f}, "
-          f"fast {100 * np.mean(val['fast']):.2f}, dpo:false {100 * np.mean(val['nodpo']):.2f}")
-    print(f"fast - default: {fast['mean_diff']:+.2f} points [{fast['ci95_low']:+.2f}, {fast['ci95_high']:+.2f}], "
-          f"paired t p {fast['t_p']:.3f}, Wilcoxon p {fast['wilcoxon_p']:.3f}; server seconds fast/default {cost:.2f}")
-    better = fast["ci95_low"] > 0
-    cheaper_no_loss = cost <= 0.75 and fast["mean_diff"] >= -0.25 and fast["ci95_low"] >= -1.0
-    print("rule: adopt 'fast'" if better or cheaper_no_loss else "rule: keep the defaults",
-          f"(better: {better}; cheaper at no loss: {cheaper_no_loss})")
-    for key in ("default", "fast"):
-        d = pct(stats.paired(val[key], val["nodpo"]))
-        t = pct(stats.paired(test[key], test["nodpo"]))
-        ratio = np.mean(server[key]) / np.mean(server["nodpo"])
-        print(f"{names[key]} - dpo:false: validation {d['mean_diff']:+.2f} [{d['ci95_low']:+.2f}, "
-              f"{d['ci95_high']:+.2f}], test (final) {t['mean_diff']:+.2f} [{t['ci95_low']:+.2f}, "
-              f"{t['ci95_high']:+.2f}]; server seconds {np.mean(server[key]):.0f} vs {np.mean(server['nodpo']):.0f} "
-              f"= {ratio:.2f}x ({'meets' if ratio <= 2 else 'misses'} the 2x target)")
+    return float(np.mean(vals[-last:]))
 
 
 SWITCHES = (60, 100, 140)  # the supplement rounds after the first (warmup 20, every 40, 150 rounds)
@@ -229,7 +185,8 @@ def _dip(rounds: list, key: str = "val_top1") -> float:
 
 
 def _suite(base: Path, names: dict, seeds: list, suite: str) -> dict:
-    """{key: {"val", "test", "test10", "dip", "test_dip", "server", "held"}: one value per seed}."""
+    """{key: {"val", "test", "test10", "dip", "test_dip", "server", "held", "budget"}: one value per seed} of the
+    finished runs of suite `suite` under `base` (names: key -> method name)."""
     from fedml_feddpd.compare_report import _slug
 
     out = {}
@@ -240,10 +197,10 @@ def _suite(base: Path, names: dict, seeds: list, suite: str) -> dict:
             if not (d / "metrics.json").is_file():
                 sys.exit(f"{d}/metrics.json missing; expected the finished suite "
                          f"(python -m fedml_feddpd compare --cf configs/{suite}.yaml)")
-            v, m = _values(d, "val_top1")
-            rows["val"].append(v)
+            m = json.loads((d / "metrics.json").read_text())
+            rows["val"].append(_last(m, "val_top1"))
             rows["test"].append(m["final"]["top1"])
-            rows["test10"].append(_values(d, "top1")[0])
+            rows["test10"].append(_last(m, "top1"))
             rows["dip"].append(_dip(m["rounds"]))
             rows["test_dip"].append(_dip(m["rounds"], "top1"))
             rows["server"].append(m["server_seconds_total"])
@@ -264,6 +221,30 @@ def _pp(a, b) -> dict:
 def _line(p: dict) -> str:
     return (f"{p['mean_diff']:+.2f} [{p['ci95_low']:+.2f}, {p['ci95_high']:+.2f}] (t p {p['t_p']:.3f}, "
             f"Wilcoxon p {p['wilcoxon_p']:.3f})")
+
+
+def cmd_validate(opts) -> None:
+    names = {"default": "FedDPD (default)", "fast": "FedDPD (fast)", "nodpo": "FedDPD (dpo: false)"}
+    r = _suite(Path(opts.dir) / "runs" / "IF=10", names, list(range(8)), "validate_dpo_digits")
+    val, test, server = ({k: r[k][metric] for k in names} for metric in ("val", "test", "server"))
+    fast = _pp(val["fast"], val["default"])
+    cost = np.mean(server["fast"]) / np.mean(server["default"])
+    print(f"validation top-1 (last 10 rounds), 8 seeds: default {100 * np.mean(val['default']):.2f}, "
+          f"fast {100 * np.mean(val['fast']):.2f}, dpo:false {100 * np.mean(val['nodpo']):.2f}")
+    print(f"fast - default: {fast['mean_diff']:+.2f} points [{fast['ci95_low']:+.2f}, {fast['ci95_high']:+.2f}], "
+          f"paired t p {fast['t_p']:.3f}, Wilcoxon p {fast['wilcoxon_p']:.3f}; server seconds fast/default {cost:.2f}")
+    better = fast["ci95_low"] > 0
+    cheaper_no_loss = cost <= 0.75 and fast["mean_diff"] >= -0.25 and fast["ci95_low"] >= -1.0
+    print("rule: adopt 'fast'" if better or cheaper_no_loss else "rule: keep the defaults",
+          f"(better: {better}; cheaper at no loss: {cheaper_no_loss})")
+    for key in ("default", "fast"):
+        d = _pp(val[key], val["nodpo"])
+        t = _pp(test[key], test["nodpo"])
+        ratio = np.mean(server[key]) / np.mean(server["nodpo"])
+        print(f"{names[key]} - dpo:false: validation {d['mean_diff']:+.2f} [{d['ci95_low']:+.2f}, "
+              f"{d['ci95_high']:+.2f}], test (final) {t['mean_diff']:+.2f} [{t['ci95_low']:+.2f}, "
+              f"{t['ci95_high']:+.2f}]; server seconds {np.mean(server[key]):.0f} vs {np.mean(server['nodpo']):.0f} "
+              f"= {ratio:.2f}x ({'meets' if ratio <= 2 else 'misses'} the 2x target)")
 
 
 def cmd_switch(opts) -> None:

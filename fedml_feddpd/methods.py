@@ -123,11 +123,6 @@ def _needs_oracle_data(sections: dict) -> None:
                           "(0, 1), got 0")
 
 
-# --- the built-in methods ---------------------------------------------------------------------------
-register(Method("FedAvg", "FedML's FedAvg", backends=ALL_BACKENDS))
-register(Method("FedProx", "FedML's FedProx (proximal term fedprox_mu)",
-                api="fedml.simulation.sp.fedprox.fedprox_trainer:FedProxTrainer", api_args="dataset_first",
-                options={"fedprox_mu": float_key(0.0, default=0.1)}))
 def _feddpd_unread(sections: dict) -> dict:
     """Without DPO (dpo: false, or selection: random) FedDPD trains no adapter (supplement.FedDPDPolicy)."""
     feddpd = sections.get("feddpd") or {}
@@ -136,6 +131,11 @@ def _feddpd_unread(sections: dict) -> dict:
     return {"dpo_args": ALL, "feddpd": ("candidates", "oversample", "pair_quantile")}
 
 
+# --- the built-in methods ---------------------------------------------------------------------------
+register(Method("FedAvg", "FedML's FedAvg", backends=ALL_BACKENDS))
+register(Method("FedProx", "FedML's FedProx (proximal term fedprox_mu)",
+                api="fedml.simulation.sp.fedprox.fedprox_trainer:FedProxTrainer", api_args="dataset_first",
+                options={"fedprox_mu": float_key(0.0, default=0.1)}))
 register(Method("FedDPD", "discrepancy-guided, Diffusion-DPO-adapted synthetic supplements",
                 policy="fedml_feddpd.supplement:FedDPDPolicy",
                 reads={"feddpd": ALL, "dpo_args": ALL, "generator": ALL}, backends=ALL_BACKENDS,

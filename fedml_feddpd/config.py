@@ -128,7 +128,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "supplement_weight": _float(0.0, default=_FEDDPD.supplement_weight),
         "keep_previous": _float(0.0, 1.0, default=_FEDDPD.keep_previous, high_open=True),
         "pair_quantile": _float(0.0, 0.5, default=_FEDDPD.pair_quantile, low_open=True),
-        "oversample": _float(1.0, default=_FEDDPD.oversample),
+        "oversample": _float(0.0, default=_FEDDPD.oversample, low_open=True),
         "dpo": _bool(_FEDDPD.dpo),
         "selection": _choice(("discrepancy", "random"), _FEDDPD.selection),
         "candidates": _choice(("adapter", "union"), _FEDDPD.candidates),

@@ -123,6 +123,14 @@ def _needs_oracle_data(sections: dict) -> None:
                           "(0, 1), got 0")
 
 
+def _feddpd_check(sections: dict) -> None:
+    """oversample < 1 leaves fewer adapter samples than the budget: enough only when the pool is a candidate too."""
+    feddpd = sections["feddpd"]
+    if feddpd["candidates"] == "adapter" and feddpd["oversample"] < 1:
+        raise ConfigError(f"feddpd.oversample: expected a number >= 1 with candidates: adapter (the supplement is "
+                          f"picked from the adapter's samples alone), got {feddpd['oversample']!r}")
+
+
 def _feddpd_unread(sections: dict) -> dict:
     """Without DPO (dpo: false, or selection: random) FedDPD trains no adapter (supplement.FedDPDPolicy)."""
     feddpd = sections.get("feddpd") or {}
@@ -139,7 +147,7 @@ register(Method("FedProx", "FedML's FedProx (proximal term fedprox_mu)",
 register(Method("FedDPD", "discrepancy-guided, Diffusion-DPO-adapted synthetic supplements",
                 policy="fedml_feddpd.supplement:FedDPDPolicy",
                 reads={"feddpd": ALL, "dpo_args": ALL, "generator": ALL}, backends=ALL_BACKENDS,
-                unread=_feddpd_unread))
+                unread=_feddpd_unread, check=_feddpd_check))
 register(Method("FedDiff", "one class-balanced synthetic set shared by every client",
                 policy="baselines.feddiff:FedDiffPolicy",
                 reads={"feddpd": SCHEDULE + ("supplement_ratio",), "generator": ALL}, backends=ALL_BACKENDS))

@@ -26,6 +26,7 @@ BAD_INPUTS = [
     ("feddpd", "tau", 1.5, "feddpd.tau: expected a number in [0, 1], got 1.5"),
     ("feddpd", "tau", -0.2, "feddpd.tau: expected a number in [0, 1], got -0.2"),
     ("feddpd", "keep_previous", 1.0, "feddpd.keep_previous: expected a number in [0, 1), got 1.0"),
+    ("feddpd", "oversample", 0.0, "feddpd.oversample: expected a number in (0, inf), got 0.0"),
     ("dpo_args", "loss_type", "kto", "dpo_args.loss_type: expected one of sigmoid, hinge, ipo, got 'kto'"),
     ("run_args", "checkpoint_every", -1, "run_args.checkpoint_every: expected an integer >= 0, got -1"),
 ]
@@ -88,6 +89,17 @@ def test_valid_config_fills_defaults(config_dict):
     cfg = validate(config_dict)
     assert cfg["min_client_size"] == 10 and cfg["fedprox_mu"] == 0.1
     assert isinstance(cfg["imbalance_factor"], float)
+
+
+def test_oversample_below_one_needs_the_pool_as_candidate(config_dict):
+    """#14: with candidates: union the pool fills what fewer adapter samples leave; with adapter alone it cannot."""
+    config_dict["train_args"]["federated_optimizer"] = "FedDPD"
+    config_dict["feddpd"] = {"oversample": 0.5}
+    assert validate(config_dict).sections["feddpd"]["oversample"] == 0.5  # candidates: union (default)
+    config_dict["feddpd"]["candidates"] = "adapter"
+    with pytest.raises(ConfigError, match=r"^feddpd.oversample: expected a number >= 1 with candidates: adapter .*"
+                                          r"got 0.5$"):
+        validate(config_dict)
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path, config_dict, capsys):

@@ -113,6 +113,50 @@ def test_adapters_trained_together_equal_each_trained_alone():
     assert not torch.equal(*[next(w for k, w in joint_weights[n].items() if "lora_B" in k) for n in ("a", "b")])
 
 
+def test_routed_pass_equals_each_row_through_its_own_adapter():
+    """#14: `routed` computes every adapter's LoRA update at once (gathered weights, grouped convolution): each row's
+    output and each adapter's gradient equal running the UNet with that adapter alone (BASE rows: the base), and
+    a LoRA layer the batched path does not cover (here: dropout) still routes through PEFT's mixed batch."""
+    from fedml_feddpd.generation.adapters import BASE, routed, set_trainable_adapters
+
+    unet, _ = tiny()
+    g = torch.Generator().manual_seed(5)
+    for name in ("a", "b", "c"):
+        add_adapter(unet, name, DPOSettings())
+        for p in adapter_parameters(unet, name).values():
+            p.data.normal_(0.0, 0.3, generator=g)
+    set_trainable_adapters(unet, ["a", "b", "c"])
+    names = ["b", BASE, "a", "b", "c", "a", BASE]
+    x, t, y = torch.randn(7, 1, 8, 8, generator=g), torch.randint(0, 1000, (7,), generator=g), torch.arange(7)
+
+    def grads(out):
+        unet.zero_grad()
+        out.pow(2).sum().backward()
+        return {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
+
+    with routed(unet, names):
+        out = unet(x, t, class_labels=y).sample
+    joint = grads(out)
+    for name in ("a", "b", "c", BASE):
+        rows = [i for i, n in enumerate(names) if n == name]
+        with adapters_disabled(unet) if name == BASE else using_adapter(unet, name):
+            alone = unet(x[rows], t[rows], class_labels=y[rows]).sample
+        torch.testing.assert_close(out[rows].detach(), alone.detach(), rtol=1e-5, atol=1e-5)
+        if name != BASE:
+            own = grads(alone)
+            for key, grad in own.items():
+                torch.testing.assert_close(joint[key], grad, rtol=1e-3, atol=1e-5)
+    with torch.no_grad():  # the adapters matter: the comparison is not between equal outputs
+        assert float(out[2:4].detach().sub(unet(x[2:4], t[2:4], class_labels=y[2:4]).sample).abs().max()) > 1e-3
+    # a layer with LoRA dropout keeps PEFT's path (in eval mode dropout is off, so the outputs still agree)
+    layer = next(m for m in unet.modules() if hasattr(m, "lora_dropout"))
+    layer.lora_dropout["a"] = torch.nn.Dropout(0.5).eval()
+    with torch.no_grad(), routed(unet, names):
+        assert "forward" not in vars(layer)
+        torch.testing.assert_close(unet(x, t, class_labels=y).sample, out.detach(), rtol=1e-5, atol=1e-5)
+    assert "forward" not in vars(next(m for m in unet.modules() if hasattr(m, "lora_A") and m is not layer))
+
+
 def test_sampling_many_adapters_in_shared_batches_equals_sampling_each_alone():
     """#14: sample_jobs routes each job's rows through its own adapter (or the base) in shared UNet batches;
     each job's images equal a lone `sample` with that adapter active and the job's seed."""

@@ -108,29 +108,78 @@ BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 def routed(unet, names):
     """Route row i of every UNet batch through adapter names[i] (BASE: the frozen base) in one pass.
 
-    PEFT's mixed-adapter batches: each LoRA layer adds adapter k's update to its rows only, so rows never see
-    another client's weights and each adapter's gradient comes from its own rows. PEFT injects `adapter_names`
-    from PeftModel.forward, which a diffusers UNet does not have; the same pre-forward hook is registered on
-    the LoRA layers here. Adapters must be enabled (not `adapters_disabled`)."""
+    Each LoRA layer adds adapter k's update to its rows only, so rows never see another client's weights and each
+    adapter's gradient comes from its own rows: PEFT's mixed-adapter batches, computed for all adapters at once
+    (`_batched_lora`) instead of PEFT's loop over adapters inside every layer (LoraLayer._mixed_batch_forward),
+    which made a round's DPO step grow faster than its client count. Layers `_batched_lora` does not cover (LoRA
+    variants, dropout) keep PEFT's path, whose `adapter_names` argument PeftModel.forward would inject and a
+    diffusers UNet does not: the same pre-forward hook is registered on them. Adapters must be enabled."""
     names = list(names)
     for name in set(names) - {BASE}:
         _require(unet, name)
-    hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=names)
+    order = sorted(set(names) - {BASE})
+    slot = {name: k for k, name in enumerate(order)}
+    rows = torch.tensor([slot.get(n, len(order)) for n in names], dtype=torch.long)  # len(order): BASE (zeros)
+    peft_hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=names)
     layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
     was_disabled = bool(layers) and layers[0].disable_adapters
     grads = {n: p.requires_grad for n, p in unet.named_parameters()}
     if was_disabled:  # a disabled layer ignores adapter_names
         unet.enable_adapters()
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers]
+    handles, patched = [], []
+    for m in layers:
+        if _batchable(m, order):
+            m.forward = functools.partial(_batched_lora, m, order, rows)
+            patched.append(m)
+        else:
+            handles.append(m.register_forward_pre_hook(peft_hook, with_kwargs=True))
     try:
         yield unet
     finally:
         for h in handles:
             h.remove()
+        for m in patched:
+            del m.forward
         if was_disabled:
             unet.disable_adapters()
         for n, p in unet.named_parameters():  # PEFT's enable/disable rewrites requires_grad
             p.requires_grad_(grads[n])
+
+
+def _batchable(layer, order) -> bool:
+    """Plain LoRA (no DoRA/variant, no dropout) on a Linear or Conv2d: what `_batched_lora` computes."""
+    from peft.tuners.lora import layer as lora
+
+    if not isinstance(layer, (lora.Linear, lora.Conv2d)) or type(layer) not in (lora.Linear, lora.Conv2d):
+        return False
+    return all(n in layer.lora_A and n not in layer.lora_variant and layer.lora_B[n].bias is None
+               and isinstance(layer.lora_dropout[n], torch.nn.Identity)
+               and layer.lora_B[n].weight.shape[2:] in ((), (1, 1)) for n in order)
+
+
+def _batched_lora(layer, order, rows, x, *args, **kwargs):
+    """base(x) + scaling_k * B_k A_k x for row i's adapter k = rows[i] (the last slot: zeros, the base), every
+    adapter at once: the rows gather their own A and B, then batched matmuls (Linear) or a grouped convolution
+    with one group per row (Conv2d; lora_B is PEFT's 1x1 convolution). Equals PEFT's mixed-batch forward
+    (tests/test_dpo.py)."""
+    result = layer.base_layer(x, *args, **kwargs)
+    if not order:
+        return result
+    a = torch.stack([layer.lora_A[n].weight for n in order])
+    b = torch.stack([layer.lora_B[n].weight * layer.scaling[n] for n in order])
+    rows = rows.to(a.device)
+    a = torch.cat([a, a.new_zeros((1,) + a.shape[1:])])[rows].to(x.dtype)
+    b = torch.cat([b, b.new_zeros((1,) + b.shape[1:])])[rows].to(x.dtype)
+    if x.dim() == 4 and a.dim() == 5:  # Conv2d: a (N, r, C, kh, kw), b (N, out, r, 1, 1)
+        n, c, h, w = x.shape
+        conv = layer.lora_A[order[0]]
+        z = torch.nn.functional.conv2d(x.reshape(1, n * c, h, w), a.flatten(0, 1), None, conv.stride,
+                                       conv.padding, conv.dilation, groups=n)
+        z = z.view(n, a.shape[1], *z.shape[2:])
+        return result + torch.einsum("nrhw,nor->nohw", z, b[..., 0, 0]).to(result.dtype)
+    z = x.reshape(x.shape[0], -1, x.shape[-1])  # Linear: (N, tokens, in); a (N, r, in), b (N, out, r)
+    out = torch.bmm(torch.bmm(z, a.transpose(1, 2)), b.transpose(1, 2))
+    return result + out.view(result.shape).to(result.dtype)
 
 
 def active_adapter(unet):

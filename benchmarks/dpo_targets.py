@@ -7,6 +7,7 @@
     python benchmarks/dpo_targets.py validate runs/validate_dpo_digits   # the default rule + server-time ratio
     python benchmarks/dpo_targets.py switch runs/validate_switch_digits  # the keep_previous rule
     python benchmarks/dpo_targets.py pool-short runs/explore_pool_short_digits  # DPO where the pool runs short
+    python benchmarks/dpo_targets.py lean runs/validate_lean_digits      # the rule for fewer DPO steps and samples
 
 `main` runs the README's first command as a subprocess (FedDPD then FedAvg on digits, 150 rounds) twice: with the
 generator cache as it is, then with an empty cache folder (generator.cache_dir), so pretraining is included.
@@ -224,20 +225,33 @@ def _line(p: dict) -> str:
 
 
 def cmd_validate(opts) -> None:
-    names = {"default": "FedDPD (default)", "fast": "FedDPD (fast)", "nodpo": "FedDPD (dpo: false)"}
-    r = _suite(Path(opts.dir) / "runs" / "IF=10", names, list(range(8)), "validate_dpo_digits")
+    """The rule of configs/validate_dpo_digits.yaml: "fast" against the defaults of that time."""
+    _cheaper_at_no_loss(opts.dir, "validate_dpo_digits", "FedDPD (default)", "FedDPD (fast)", "fast")
+
+
+def cmd_lean(opts) -> None:
+    """The rule of configs/validate_lean_digits.yaml: "lean" (max_steps 5, oversample 0.5) against the defaults."""
+    _cheaper_at_no_loss(opts.dir, "validate_lean_digits", "FedDPD", "FedDPD (lean)", "lean")
+
+
+def _cheaper_at_no_loss(directory: str, suite: str, default: str, candidate: str, label: str) -> None:
+    """Adopt `candidate` when better on validation (CI > 0), or when it costs <= 0.75x the default's server seconds
+    at no loss (mean >= -0.25 points, CI lower end >= -1.0); both against dpo:false on validation and test."""
+    names = {"default": default, label: candidate, "nodpo": "FedDPD (dpo: false)"}
+    r = _suite(Path(directory) / "runs" / "IF=10", names, list(range(8)), suite)
     val, test, server = ({k: r[k][metric] for k in names} for metric in ("val", "test", "server"))
-    fast = _pp(val["fast"], val["default"])
-    cost = np.mean(server["fast"]) / np.mean(server["default"])
+    new = _pp(val[label], val["default"])
+    cost = np.mean(server[label]) / np.mean(server["default"])
     print(f"validation top-1 (last 10 rounds), 8 seeds: default {100 * np.mean(val['default']):.2f}, "
-          f"fast {100 * np.mean(val['fast']):.2f}, dpo:false {100 * np.mean(val['nodpo']):.2f}")
-    print(f"fast - default: {fast['mean_diff']:+.2f} points [{fast['ci95_low']:+.2f}, {fast['ci95_high']:+.2f}], "
-          f"paired t p {fast['t_p']:.3f}, Wilcoxon p {fast['wilcoxon_p']:.3f}; server seconds fast/default {cost:.2f}")
-    better = fast["ci95_low"] > 0
-    cheaper_no_loss = cost <= 0.75 and fast["mean_diff"] >= -0.25 and fast["ci95_low"] >= -1.0
-    print("rule: adopt 'fast'" if better or cheaper_no_loss else "rule: keep the defaults",
+          f"{label} {100 * np.mean(val[label]):.2f}, dpo:false {100 * np.mean(val['nodpo']):.2f}")
+    print(f"{label} - default: {new['mean_diff']:+.2f} points [{new['ci95_low']:+.2f}, {new['ci95_high']:+.2f}], "
+          f"paired t p {new['t_p']:.3f}, Wilcoxon p {new['wilcoxon_p']:.3f}; server seconds {label}/default "
+          f"{cost:.2f}")
+    better = new["ci95_low"] > 0
+    cheaper_no_loss = cost <= 0.75 and new["mean_diff"] >= -0.25 and new["ci95_low"] >= -1.0
+    print(f"rule: adopt '{label}'" if better or cheaper_no_loss else "rule: keep the defaults",
           f"(better: {better}; cheaper at no loss: {cheaper_no_loss})")
-    for key in ("default", "fast"):
+    for key in ("default", label):
         d = _pp(val[key], val["nodpo"])
         t = _pp(test[key], test["nodpo"])
         ratio = np.mean(server[key]) / np.mean(server["nodpo"])
@@ -300,9 +314,10 @@ def main():
     r.add_argument("--threads", type=int, default=1)
     sub.add_parser("switch").add_argument("dir")
     sub.add_parser("pool-short").add_argument("dir")
+    sub.add_parser("lean").add_argument("dir")
     opts = parser.parse_args()
     {"main": cmd_main, "clients": cmd_clients, "ratio": cmd_ratio, "validate": cmd_validate, "switch": cmd_switch,
-     "pool-short": cmd_pool_short}[opts.cmd](opts)
+     "pool-short": cmd_pool_short, "lean": cmd_lean}[opts.cmd](opts)
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def routed(unet, names):
     handles, patched = [], []
     for m in layers:
         if _batchable(m, order):
-            m.forward = functools.partial(_batched_lora, m, order, rows)
+            m.forward = functools.partial(_batched_lora, m, order, rows, {})
             patched.append(m)
         else:
             handles.append(m.register_forward_pre_hook(peft_hook, with_kwargs=True))
@@ -157,19 +157,25 @@ def _batchable(layer, order) -> bool:
                and layer.lora_B[n].weight.shape[2:] in ((), (1, 1)) for n in order)
 
 
-def _batched_lora(layer, order, rows, x, *args, **kwargs):
+def _batched_lora(layer, order, rows, gathered, x, *args, **kwargs):
     """base(x) + scaling_k * B_k A_k x for row i's adapter k = rows[i] (the last slot: zeros, the base), every
     adapter at once: the rows gather their own A and B, then batched matmuls (Linear) or a grouped convolution
     with one group per row (Conv2d; lora_B is PEFT's 1x1 convolution). Equals PEFT's mixed-batch forward
-    (tests/test_dpo.py)."""
+    (tests/test_dpo.py). Without gradients (sampling: every step of a batch through the same rows) the gathered
+    weights are kept in `gathered` for the rest of the routed context."""
     result = layer.base_layer(x, *args, **kwargs)
     if not order:
         return result
-    a = torch.stack([layer.lora_A[n].weight for n in order])
-    b = torch.stack([layer.lora_B[n].weight * layer.scaling[n] for n in order])
-    rows = rows.to(a.device)
-    a = torch.cat([a, a.new_zeros((1,) + a.shape[1:])])[rows].to(x.dtype)
-    b = torch.cat([b, b.new_zeros((1,) + b.shape[1:])])[rows].to(x.dtype)
+    if torch.is_grad_enabled() or not gathered:
+        a = torch.stack([layer.lora_A[n].weight for n in order])
+        b = torch.stack([layer.lora_B[n].weight * layer.scaling[n] for n in order])
+        rows = rows.to(a.device)
+        a = torch.cat([a, a.new_zeros((1,) + a.shape[1:])])[rows].to(x.dtype)
+        b = torch.cat([b, b.new_zeros((1,) + b.shape[1:])])[rows].to(x.dtype)
+        if not torch.is_grad_enabled():
+            gathered["ab"] = a, b
+    else:
+        a, b = gathered["ab"]
     if x.dim() == 4 and a.dim() == 5:  # Conv2d: a (N, r, C, kh, kw), b (N, out, r, 1, 1)
         n, c, h, w = x.shape
         conv = layer.lora_A[order[0]]

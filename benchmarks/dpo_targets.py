@@ -8,6 +8,7 @@
     python benchmarks/dpo_targets.py switch runs/validate_switch_digits  # the keep_previous rule
     python benchmarks/dpo_targets.py pool-short runs/explore_pool_short_digits  # DPO where the pool runs short
     python benchmarks/dpo_targets.py lean runs/validate_lean_digits      # the rule for fewer DPO steps and samples
+    python benchmarks/dpo_targets.py routing --adapters 40 --threads 1   # one routed pass: PEFT's loop vs batched
 
 `main` runs the README's first command as a subprocess (FedDPD then FedAvg on digits, 150 rounds) twice: with the
 generator cache as it is, then with an empty cache folder (generator.cache_dir), so pretraining is included.
@@ -296,6 +297,72 @@ def cmd_pool_short(opts) -> None:
     print(f"server seconds FedDPD / dpo:false: {np.mean(r['dpo']['server']) / np.mean(r['nodpo']['server']):.2f}x")
 
 
+def cmd_routing(opts) -> None:
+    """One routed UNet pass with PEFT's per-adapter loop (its mixed-batch hook) against adapters.routed, on the
+    digits generator's architecture: DPO forward + backward (32 rows a client) and 25 sampling steps of 512 rows
+    without gradients."""
+    import contextlib
+    import functools
+
+    import torch
+    from peft.tuners.lora.layer import LoraLayer
+    from peft.tuners.lora.model import _adapter_names_pre_forward_hook
+
+    from fedml_feddpd.generation import (
+        DPOSettings, GeneratorConfig, add_adapter, build_unet, routed, set_trainable_adapters,
+    )
+
+    torch.set_num_threads(opts.threads)
+    torch.manual_seed(0)
+    unet = build_unet(GeneratorConfig())  # the digits generator's architecture (8x8, blocks 32/64); timing only
+    names = [f"c{i}" for i in range(opts.adapters)]
+    for name in names:
+        add_adapter(unet, name, DPOSettings())
+    set_trainable_adapters(unet, names)
+
+    @contextlib.contextmanager
+    def peft_loop(_unet, rows):
+        hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=rows)
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in unet.modules()
+                   if isinstance(m, LoraLayer)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def seconds(f, reps):
+        f()
+        start = time.perf_counter()
+        for _ in range(reps):
+            f()
+        return (time.perf_counter() - start) / reps
+
+    g = torch.Generator().manual_seed(0)
+    n = 32 * len(names)
+    x, t, y = torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 1000, (n,), generator=g), torch.arange(n) % 10
+    rows = [name for name in names for _ in range(32)]
+
+    def train(route):
+        with route(unet, rows):
+            out = unet(x, t, class_labels=y).sample
+        out.pow(2).mean().backward()
+
+    m = 512
+    xs, ys, srows = torch.randn(m, 1, 8, 8, generator=g), torch.arange(m) % 10, [names[i * len(names) // m]
+                                                                                   for i in range(m)]
+
+    def sample(route):
+        with torch.no_grad(), route(unet, srows):
+            for _ in range(25):
+                unet(xs, torch.full((m,), 500), class_labels=ys)
+
+    print(f"{load()}; {opts.adapters} adapters, {opts.threads} thread(s)")
+    for label, f, reps in (("DPO forward + backward", train, 4), ("25 sampling steps, 512 rows", sample, 2)):
+        print(f"{label}: PEFT's loop {seconds(lambda: f(peft_loop), reps):.2f} s, "
+              f"batched {seconds(lambda: f(routed), reps):.2f} s")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -315,9 +382,13 @@ def main():
     sub.add_parser("switch").add_argument("dir")
     sub.add_parser("pool-short").add_argument("dir")
     sub.add_parser("lean").add_argument("dir")
+    t = sub.add_parser("routing")
+    t.add_argument("--adapters", type=int, default=10)
+    t.add_argument("--threads", type=int, default=1)
     opts = parser.parse_args()
     {"main": cmd_main, "clients": cmd_clients, "ratio": cmd_ratio, "validate": cmd_validate, "switch": cmd_switch,
-     "pool-short": cmd_pool_short, "lean": cmd_lean}[opts.cmd](opts)
+     "pool-short": cmd_pool_short, "lean": cmd_lean,
+     "routing": cmd_routing}[opts.cmd](opts)
 
 
 if __name__ == "__main__":

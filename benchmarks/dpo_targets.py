@@ -301,12 +301,9 @@ def cmd_routing(opts) -> None:
     """One routed UNet pass with PEFT's per-adapter loop (its mixed-batch hook) against adapters.routed, on the
     digits generator's architecture: DPO forward + backward (32 rows a client) and 25 sampling steps of 512 rows
     without gradients."""
-    import contextlib
     import functools
 
     import torch
-    from peft.tuners.lora.layer import LoraLayer
-    from peft.tuners.lora.model import _adapter_names_pre_forward_hook
 
     from fedml_feddpd.generation import (
         DPOSettings, GeneratorConfig, add_adapter, build_unet, routed, set_trainable_adapters,
@@ -319,17 +316,7 @@ def cmd_routing(opts) -> None:
     for name in names:
         add_adapter(unet, name, DPOSettings())
     set_trainable_adapters(unet, names)
-
-    @contextlib.contextmanager
-    def peft_loop(_unet, rows):
-        hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=rows)
-        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in unet.modules()
-                   if isinstance(m, LoraLayer)]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+    peft_loop = functools.partial(routed, batched=False)
 
     def seconds(f, reps):
         f()

@@ -105,7 +105,7 @@ BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
 @contextlib.contextmanager
-def routed(unet, names):
+def routed(unet, names, batched: bool = True):
     """Route row i of every UNet batch through adapter names[i] (BASE: the frozen base) in one pass.
 
     Each LoRA layer adds adapter k's update to its rows only, so rows never see another client's weights and each
@@ -113,7 +113,9 @@ def routed(unet, names):
     (`_batched_lora`) instead of PEFT's loop over adapters inside every layer (LoraLayer._mixed_batch_forward),
     which made a round's DPO step grow faster than its client count. Layers `_batched_lora` does not cover (LoRA
     variants, dropout) keep PEFT's path, whose `adapter_names` argument PeftModel.forward would inject and a
-    diffusers UNet does not: the same pre-forward hook is registered on them. Adapters must be enabled."""
+    diffusers UNet does not: the same pre-forward hook is registered on them (on every layer with
+    batched=False, PEFT's own loop, which `benchmarks/dpo_targets.py routing` times against). Adapters must be
+    enabled."""
     names = list(names)
     for name in set(names) - {BASE}:
         _require(unet, name)
@@ -128,7 +130,7 @@ def routed(unet, names):
         unet.enable_adapters()
     handles, patched = [], []
     for m in layers:
-        if _batchable(m, order):
+        if batched and _batchable(m, order):
             m.forward = functools.partial(_batched_lora, m, order, rows, {})
             patched.append(m)
         else:
@@ -150,7 +152,7 @@ def _batchable(layer, order) -> bool:
     """Plain LoRA (no DoRA/variant, no dropout) on a Linear or Conv2d: what `_batched_lora` computes."""
     from peft.tuners.lora import layer as lora
 
-    if not isinstance(layer, (lora.Linear, lora.Conv2d)) or type(layer) not in (lora.Linear, lora.Conv2d):
+    if type(layer) not in (lora.Linear, lora.Conv2d):  # exactly these: subclasses (e.g. quantised) compute otherwise
         return False
     return all(n in layer.lora_A and n not in layer.lora_variant and layer.lora_B[n].bias is None
                and isinstance(layer.lora_dropout[n], torch.nn.Identity)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -113,6 +115,7 @@ def run_suite(path: str, out_dir: str | None = None, show_progress: bool = True,
     if collect_only:
         todo = {}
         out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="compare", unit="run", disable=not show_progress)
     if workers == 1:
         for (s_name, m_name, seed), cfg in todo.items():
@@ -137,8 +140,16 @@ def run_suite(path: str, out_dir: str | None = None, show_progress: bool = True,
                     bar.set_postfix_str(f"done {s_name} {m_name} seed {seed}")
                     bar.update(1)
     bar.close()
+    if todo:  # the suite's own wall time, so that a sizing target ("the whole suite in 3 h") is measured by the tool
+        print(f"compare: ran {len(todo)} run(s) in {_hms(time.perf_counter() - start)} with {workers} worker(s); "
+              f"{len(runs) - len(todo)} had finished before", file=sys.stderr)
     write_results(out, suite)
     return out
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60} h {m % 60:02d} min {s:02d} s" if m >= 60 else f"{m} min {s:02d} s"
 
 
 def _expected_cost(cfg: RunConfig) -> int:

@@ -1,6 +1,7 @@
 """`compare` on a tiny suite: report, PNG and JSON well formed; a second call skips finished runs."""
 import json
 import os
+import re
 
 import pytest
 import yaml
@@ -32,6 +33,8 @@ def test_compare_writes_report_and_resumes(tiny_suite, capsys):
     path, out = tiny_suite
     # two runs at once, each in a spawned process (the path the real suite takes with --workers 2)
     assert main(["compare", "--cf", str(path), "--no-progress", "--workers", "2"]) == 0
+    assert re.search(r"^compare: ran 2 run\(s\) in (\d+ h )?\d+ min \d\d s with 2 worker\(s\); 0 had finished before$",
+                     capsys.readouterr().err, re.M)
     results = json.loads((out / "results.json").read_text())
     entry = results["settings"]["IF=10"]
     assert set(entry) == {"FedAvg", "Oracle"}
@@ -45,6 +48,7 @@ def test_compare_writes_report_and_resumes(tiny_suite, capsys):
     stamp = metrics.stat().st_mtime_ns
     assert main(["compare", "--cf", str(path), "--no-progress"]) == 0
     assert metrics.stat().st_mtime_ns == stamp  # finished runs are skipped
+    assert "compare: ran" not in capsys.readouterr().err  # nothing ran, so no suite time
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0 and (out / "report.md").read_text() == report
     # a suite still running: --collect-only reports what has finished and says which cells are partial

@@ -276,7 +276,6 @@ def test_failed_save_leaves_no_partial_cache(tmp_path, monkeypatch):
 
 
 def test_pretrained_folder_loads_and_bad_paths_fail_clearly(tmp_path):
-    cfg = tiny_cfg(tmp_path)
     torch.manual_seed(3)
     plain = plain_unet()
     plain.save_pretrained(tmp_path / "user_unet")

@@ -110,8 +110,7 @@ def run_suite(path: str, out_dir: str | None = None, show_progress: bool = True,
     out = Path(out_dir or suite.get("output_dir") or "runs/compare")
     # a finished run is skipped; one made by another config (a changed default) stops the suite here
     todo = {k: cfg for k, cfg in runs.items() if read_finished(_run_dir(out, *k), cfg) is None}
-    # longest first, so that with --workers the suite does not end on one lone DPO run
-    todo = dict(sorted(todo.items(), key=lambda item: -_expected_cost(item[1])))
+    todo = longest_first(todo)
     if collect_only:
         todo = {}
         out.mkdir(parents=True, exist_ok=True)
@@ -152,11 +151,17 @@ def _hms(seconds: float) -> str:
     return f"{m // 60} h {m % 60:02d} min {s:02d} s" if m >= 60 else f"{m} min {s:02d} s"
 
 
+def longest_first(runs: dict) -> dict:
+    """The runs in order of expected wall time, longest first (stable otherwise), so that with --workers the
+    suite does not end on one lone long run."""
+    return dict(sorted(runs.items(), key=lambda item: -_expected_cost(item[1])))
+
+
 def _expected_cost(cfg: RunConfig) -> int:
-    """Rank of a run's expected wall time (docs/results/compare_digits_if10_eb53a08, IF 10, 1 thread: Balance
-    ~350 s, FedDPD with DPO ~190 s, every other method under 90 s)."""
+    """Rank of a run's expected wall time (docs/results/compare_digits_if10_eb53a08, IF 10, 1 thread: Balance and
+    Balance@B ~350 s, FedDPD with DPO ~190 s, every other method under 90 s)."""
     method, feddpd = cfg.sections["train_args"]["federated_optimizer"], cfg.sections["feddpd"]
-    if method == "Balance":
+    if method in ("Balance", "Balance@B"):
         return 2
     return 1 if method == "FedDPD" and feddpd["dpo"] and feddpd["selection"] == "discrepancy" else 0
 

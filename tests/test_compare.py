@@ -249,3 +249,12 @@ def test_settings_and_methods_flags_keep_part_of_the_suite(tmp_path):
     assert {k[:2] for k in runs} == {("IF=10", "FedAvg"), ("IF=10", "FedLC")} and len(runs) == 10
     with pytest.raises(ConfigError, match=r"^--methods FedFoo: not in the suite; expected one of FedAvg"):
         load_suite(os.path.join(ROOT, "configs", "compare_digits.yaml"), None, ["FedFoo"])
+
+
+def test_longest_runs_start_first():
+    from fedml_feddpd.compare import load_suite, longest_first
+
+    _, runs = load_suite(os.path.join(ROOT, "configs", "compare_digits.yaml"), ["IF=10"],
+                         ["FedAvg", "FedDPD (dpo: false)", "FedDPD", "Balance@B", "Balance"])
+    order = [m for _, m, _ in longest_first(runs)]
+    assert order == ["Balance"] * 5 + ["Balance@B"] * 5 + ["FedDPD"] * 5 + ["FedAvg"] * 5 + ["FedDPD (dpo: false)"] * 5

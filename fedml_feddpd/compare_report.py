@@ -106,6 +106,8 @@ def write_report(out: Path, results: dict) -> None:
         "",
         "**Bold**: the best mean per column among the methods within FedAvg's privacy boundary; methods "
         "marked † cross it (or are not deployable) and are never bold.", ""]
+    if len(settings) > 1:
+        lines += overview_tables(results, settings, methods)
     best = {}
     for s in settings:
         per = results["settings"][s]
@@ -113,8 +115,7 @@ def write_report(out: Path, results: dict) -> None:
             "", "All metrics:", "", "| method | " + " | ".join(labels[k] for k, _ in METRICS) + " |",
                   "|" + "---|" * (len(METRICS) + 1)]
         for key, _ in METRICS:
-            cands = [m for m in methods if _deployable(per[m]) and per[m][key].get("mean") is not None]
-            best[(s, key)] = max(cands, key=lambda m: per[m][key]["mean"]) if cands else None
+            best[(s, key)] = _best(per, methods, key)
         for m in methods:
             cells = [_cell(per[m], key, n_suite) for key, _ in METRICS]
             cells = [f"**{c}**" if best[(s, key)] == m else c for c, (key, _) in zip(cells, METRICS)]
@@ -141,6 +142,43 @@ def write_report(out: Path, results: dict) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n")
     for s in settings:
         _plot_curves(plt, out, s, results["settings"][s], methods)
+
+
+def _best(per: dict, methods: list, key: str):
+    """The deployable method with the highest mean of `key`, or None when none has one."""
+    cands = [m for m in methods if _deployable(per[m]) and per[m][key].get("mean") is not None]
+    return max(cands, key=lambda m: per[m][key]["mean"]) if cands else None
+
+
+def overview_tables(results: dict, settings: list, methods: list) -> list[str]:
+    """Final top-1 and balanced accuracy of every method in every setting, one table each (the README's
+    view of a multi-setting suite): mean ± sample std, then the paired difference to FedAvg (* when its
+    95% CI excludes 0); bold: the best deployable method of the column."""
+    lines = ["## Overview: every setting", ""]
+    for key, title in (("top1", "top-1 (LT test), final"), ("balanced_accuracy", "balanced, final")):
+        lines += [f"**{title}**", "", "| method | " + " | ".join(settings) + " |", "|" + "---|" * (len(settings) + 1)]
+        best = {s: _best(results["settings"][s], methods, key) for s in settings}
+        for m in methods:
+            cells = []
+            for s in settings:
+                e = results["settings"][s][m]
+                if not e["seeds"]:
+                    cells.append("not run")
+                    continue
+                cell = _short(e[key])
+                p = ((e.get("paired") or {}).get("FedAvg") or {}).get("metrics", {}).get(key)
+                if p and p["n"] and results["references"].get(s, {}).get("FedAvg") != m:
+                    cell += f" ({_pp(p['mean_diff'])}{'*' if p['distinguishable'] else ''})"
+                if len(e["seeds"]) < len(results["seeds"]):
+                    cell += f" (seeds {', '.join(map(str, e['seeds']))})"
+                cells.append(f"**{cell}**" if best[s] == m else cell)
+            crosses = any(results["settings"][s][m]["seeds"] and _crosses_boundary(results["settings"][s][m])
+                          for s in settings)
+            lines.append(f"| {m}{' †' if crosses else ''} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["Mean ± sample std over the seeds; in brackets the paired per-seed difference to FedAvg in points, "
+              "* when its 95% t CI excludes 0 (the CIs are in each setting's tables below).", ""]
+    return lines
 
 
 def _best_sentences(s: str, per: dict, methods: list, best: dict, refs: dict, labels: dict) -> list[str]:

@@ -258,3 +258,30 @@ def test_longest_runs_start_first():
                          ["FedAvg", "FedDPD (dpo: false)", "FedDPD", "Balance@B", "Balance"])
     order = [m for _, m, _ in longest_first(runs)]
     assert order == ["Balance"] * 5 + ["Balance@B"] * 5 + ["FedDPD"] * 5 + ["FedAvg"] * 5 + ["FedDPD (dpo: false)"] * 5
+
+
+def test_overview_of_every_setting(fake_compare):
+    from fedml_feddpd.compare import _run_dir, write_results
+
+    out, suite = fake_compare
+    # a second setting where FedProx is best and FedDPD has seeds 0, 1 only
+    suite["settings"]["IF=100"] = {}
+    other = dict(FAKE, FedProx=("FedProx", WITHIN, [0.95, 0.96, 0.94]))
+    for name, (method, privacy, finals) in other.items():
+        for seed in suite["seeds"][:2] if name == "FedDPD" else suite["seeds"]:
+            d = _run_dir(out, "IF=100", name, seed)
+            d.mkdir(parents=True)
+            (d / "metrics.json").write_text(json.dumps(_fake_run(method, privacy, finals, seed)))
+    write_results(out, suite)
+    report = (out / "report.md").read_text()
+    assert report.index("## Overview: every setting") < report.index("## IF=10")
+    top1 = _table_rows(report, "**top-1 (LT test), final**")
+    assert top1["FedDPD"] == "| FedDPD | **86.0 ± 4.0 (+11.0*)** | 86.0 ± 5.7 (+11.0) (seeds 0, 1) |"  # 2 seeds: t_{0.975,1} CI contains 0
+    assert top1["FedProx"] == "| FedProx | 75.0 ± 6.0 (+0.0) | **95.0 ± 1.0 (+20.0*)** |"
+    assert top1["FedAvg"] == "| FedAvg | 75.0 ± 5.0 | 75.0 ± 5.0 |" and "**" not in top1["Balance †"]
+    balanced = _table_rows(report, "**balanced, final**")
+    assert balanced["FedDPD"].startswith("| FedDPD | **81.0 ± 4.0 (+11.0*)** |")
+    # one setting: no overview (its own headline table says it all)
+    suite["settings"].pop("IF=100")
+    write_results(out, suite)
+    assert "## Overview" not in (out / "report.md").read_text()

@@ -279,6 +279,8 @@ def test_overview_of_every_setting(fake_compare):
     assert top1["FedDPD"] == "| FedDPD | **86.0 ± 4.0 (+11.0*)** | 86.0 ± 5.7 (+11.0) (seeds 0, 1) |"  # 2 seeds: t_{0.975,1} CI contains 0
     assert top1["FedProx"] == "| FedProx | 75.0 ± 6.0 (+0.0) | **95.0 ± 1.0 (+20.0*)** |"
     assert top1["FedAvg"] == "| FedAvg | 75.0 ± 5.0 | 75.0 ± 5.0 |" and "**" not in top1["Balance †"]
+    cost = [line for line in report.split("## Cost")[1].splitlines() if line.startswith("| FedDPD |")]
+    assert cost == ["| FedDPD | IF=10 | 0 | 21 | 12 | 6 |", "| FedDPD | IF=100 | 0 | 20 | 12 | 6 |"]  # seeds 0, 1
     balanced = _table_rows(report, "**balanced, final**")
     assert balanced["FedDPD"].startswith("| FedDPD | **81.0 ± 4.0 (+11.0*)** |")
     # one setting: no overview (its own headline table says it all)

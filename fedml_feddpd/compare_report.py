@@ -63,9 +63,12 @@ def _cell(entry: dict, key: str, n_suite: int) -> str:
         cell = f"{_pct(e['mean'])} (n=1)"
     else:
         cell = f"{_pct(e['mean'])} ± {_pct(e['std'])} [{_pct(e['ci95_low'])}, {_pct(e['ci95_high'])}]"
-    if len(entry["seeds"]) < n_suite:
-        cell += f" (seeds {', '.join(map(str, entry['seeds']))})"
-    return cell
+    return cell + _partial(entry, n_suite)
+
+
+def _partial(entry: dict, n_suite: int) -> str:
+    """' (seeds 0, 1)' for a cell whose runs have not all finished, else ''."""
+    return f" (seeds {', '.join(map(str, entry['seeds']))})" if len(entry["seeds"]) < n_suite else ""
 
 
 def _diff_cell(p: dict, common: list) -> str:
@@ -171,8 +174,7 @@ def overview_tables(results: dict, settings: list, methods: list) -> list[str]:
                 p = ((e.get("paired") or {}).get("FedAvg") or {}).get("metrics", {}).get(key)
                 if p and p["n"] and results["references"].get(s, {}).get("FedAvg") != m:
                     cell += f" ({_pp(p['mean_diff'])}{'*' if p['distinguishable'] else ''})"
-                if len(e["seeds"]) < len(results["seeds"]):
-                    cell += f" (seeds {', '.join(map(str, e['seeds']))})"
+                cell += _partial(e, len(results["seeds"]))
                 cells.append(f"**{cell}**" if best[s] == m else cell)
             crosses = any(results["settings"][s][m]["seeds"] and _crosses_boundary(results["settings"][s][m])
                           for s in settings)

@@ -9,6 +9,7 @@
     python benchmarks/dpo_targets.py pool-short runs/explore_pool_short_digits  # DPO where the pool runs short
     python benchmarks/dpo_targets.py lean runs/validate_lean_digits      # the rule for fewer DPO steps and samples
     python benchmarks/dpo_targets.py routing --adapters 40 --threads 1   # one routed pass: PEFT's loop vs batched
+    python benchmarks/dpo_targets.py pretrain runs/validate_pretrain_digits  # the rule for a cheaper pretraining
 
 `main` runs the README's first command as a subprocess (FedDPD then FedAvg on digits, 150 rounds) twice: with the
 generator cache as it is, then with an empty cache folder (generator.cache_dir), so pretraining is included.
@@ -262,6 +263,78 @@ def _cheaper_at_no_loss(directory: str, suite: str, default: str, candidate: str
               f"= {ratio:.2f}x ({'meets' if ratio <= 2 else 'misses'} the 2x target)")
 
 
+PRETRAIN = {"1200x128": (1200, 128), "600x128": (600, 128), "1200x64": (1200, 64)}  # the default first
+
+
+def judge_recipes(recipes: dict, seeds=tuple(range(1, 9)), per_class: int = 50) -> dict:
+    """The judge of bench_generator.py on each recipe's generator as the runs use it (the digits public split of
+    public_seed 0, loaded from the generator cache the suite filled): SVC agreement of 8 x 50 samples per class
+    (DDIM-25, guidance 1.5), one value per sampling seed, and the mean within-class diversity."""
+    from sklearn.svm import SVC
+
+    from fedml_feddpd.data.digits import load_digits_tensors
+    from fedml_feddpd.data.partition import split_public_train_test
+    from fedml_feddpd.generation import GeneratorConfig, load_or_pretrain_generator, sample
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_generator import diversity, judge
+
+    images, labels = load_digits_tensors()
+    # the runs' public split (public_fraction 0.2, public_seed 0; the run seed and other fractions do not change it)
+    public = split_public_train_test(labels.numpy(), 10, 0.2, 0.3, 10.0, 0, public_seed=0).public
+    rest = np.setdiff1d(np.arange(len(labels)), public)
+    svc = SVC().fit(images[rest].reshape(len(rest), -1).numpy(), labels[rest].numpy())
+    out = {}
+    for name, (steps, batch) in recipes.items():
+        cfg = GeneratorConfig(pretrain_steps=steps, pretrain_batch_size=batch, sample_steps=25)
+        gen = load_or_pretrain_generator(cfg, images[public], labels[public], seed=0, progress=False)
+        agree, div = [], []
+        for seed in seeds:
+            x, y = sample(gen.unet, gen.scheduler, [per_class] * 10, steps=cfg.sample_steps, seed=seed,
+                          guidance_scale=cfg.guidance_scale, null_class=gen.null_class)
+            agree.append(judge(svc, x, y)[0])
+            div.append(diversity(x, y))
+        out[name] = {"agreement": agree, "diversity": div, "source": gen.source}
+    return out
+
+
+def cmd_pretrain(opts) -> None:
+    """The rule of configs/validate_pretrain_digits.yaml: the cheaper pretraining recipes against 1200 x 128."""
+    names = {k: f"FedDPD (pretrain {k})" for k in PRETRAIN}
+    base = Path(opts.dir) / "runs" / "IF=10"
+    r = _suite(base, names, list(range(8)), "validate_pretrain_digits")
+    default = next(iter(PRETRAIN))
+    print("validation top-1 (last 10 rounds), 8 seeds: " +
+          ", ".join(f"{k} {100 * np.mean(r[k]['val']):.2f}" for k in PRETRAIN))
+    qualifying = []
+    for k in list(PRETRAIN)[1:]:
+        p = _pp(r[k]["val"], r[default]["val"])
+        better = p["ci95_low"] > 0
+        no_loss = p["mean_diff"] >= -0.25 and p["ci95_low"] >= -1.0
+        if better or no_loss:
+            qualifying.append((p["mean_diff"], k))
+        print(f"{k} - {default}: {_line(p)}; qualifies: {better or no_loss} (better: {better}; no loss: {no_loss})")
+    choice = max(qualifying)[1] if qualifying else default
+    print(f"rule: pretraining {choice} becomes the default" if qualifying else f"rule: {default} stays the default")
+    print("not part of the rule: the judge (SVC agreement over 8 sampling seeds x 50 per class; diversity)")
+    j = judge_recipes(PRETRAIN)
+    for k, v in j.items():
+        d = _pp(v["agreement"], j[default]["agreement"]) if k != default else None
+        print(f"  {k}: agreement {np.mean(v['agreement']):.4f}, diversity {np.mean(v['diversity']):.3f}"
+              + (f", - {default}: {_line(d)}" if d else "") + f" (generator from {v['source']})")
+    print("looked at after the decision, test top-1 (final): " + "; ".join(
+        f"{k} - {default} {_line(_pp(r[k]['test'], r[default]['test']))}" for k in list(PRETRAIN)[1:]))
+    from fedml_feddpd.compare_report import _slug
+
+    nodpo = {k: f"FedDPD (dpo: false; pretrain {k})" for k in list(PRETRAIN)[1:]}
+    nodpo = {k: name for k, name in nodpo.items() if (base / _slug(name) / "seed7" / "metrics.json").is_file()}
+    for k, name in nodpo.items():
+        n = _suite(base, {k: name}, list(range(8)), "validate_pretrain_digits")[k]
+        ratio = np.mean(r[k]["server"]) / np.mean(n["server"])
+        print(f"{names[k]} - dpo:false (same generator), test top-1 (final): {_line(_pp(r[k]['test'], n['test']))}; "
+              f"validation {_line(_pp(r[k]['val'], n['val']))}; server seconds {np.mean(r[k]['server']):.0f} vs "
+              f"{np.mean(n['server']):.0f} = {ratio:.2f}x")
+
+
 def cmd_switch(opts) -> None:
     """The rule of configs/validate_switch_digits.yaml."""
     names = {"default": "FedDPD", "keep": "FedDPD (keep_previous: 0.5)"}
@@ -369,12 +442,13 @@ def main():
     sub.add_parser("switch").add_argument("dir")
     sub.add_parser("pool-short").add_argument("dir")
     sub.add_parser("lean").add_argument("dir")
+    sub.add_parser("pretrain").add_argument("dir")
     t = sub.add_parser("routing")
     t.add_argument("--adapters", type=int, default=10)
     t.add_argument("--threads", type=int, default=1)
     opts = parser.parse_args()
     {"main": cmd_main, "clients": cmd_clients, "ratio": cmd_ratio, "validate": cmd_validate, "switch": cmd_switch,
-     "pool-short": cmd_pool_short, "lean": cmd_lean,
+     "pool-short": cmd_pool_short, "lean": cmd_lean, "pretrain": cmd_pretrain,
      "routing": cmd_routing}[opts.cmd](opts)
 
 

@@ -14,6 +14,7 @@
   sampling seconds per candidate.
   Outcome (1 thread, 2-core shared CPU): gains +0.0100 [+0.0042, +0.0158] at 1.5 (diversity 0.94), +0.0050
   [-0.0026, +0.0126] at 2.0, -0.1388 at 3.0; only 1.5 qualifies, so GeneratorConfig.guidance_scale defaults to 1.5.
+  (That study ran on the 1,200-step generator, the default until 9b18956; the default is 600 steps now.)
 
 Public split = stratified 20% of load_digits (seeded); the generator is pretrained on it with the default
 GeneratorConfig (sampled with its guidance_scale), and an RBF-SVC fit on the other 80% judges samples

@@ -231,6 +231,11 @@ def _line(p: dict) -> str:
             f"Wilcoxon p {p['wilcoxon_p']:.3f})")
 
 
+def _no_loss(p: dict) -> bool:
+    """The validation rules' "no loss" (configs/validate_*_digits.yaml): mean >= -0.25 points, CI lower end >= -1.0."""
+    return p["mean_diff"] >= -0.25 and p["ci95_low"] >= -1.0
+
+
 def cmd_validate(opts) -> None:
     """The rule of configs/validate_dpo_digits.yaml: "fast" against the defaults of that time."""
     _cheaper_at_no_loss(opts.dir, "validate_dpo_digits", "FedDPD (default)", "FedDPD (fast)", "fast")
@@ -255,7 +260,7 @@ def _cheaper_at_no_loss(directory: str, suite: str, default: str, candidate: str
           f"paired t p {new['t_p']:.3f}, Wilcoxon p {new['wilcoxon_p']:.3f}; server seconds {label}/default "
           f"{cost:.2f}")
     better = new["ci95_low"] > 0
-    cheaper_no_loss = cost <= 0.75 and new["mean_diff"] >= -0.25 and new["ci95_low"] >= -1.0
+    cheaper_no_loss = cost <= 0.75 and _no_loss(new)
     print(f"rule: adopt '{label}'" if better or cheaper_no_loss else "rule: keep the defaults",
           f"(better: {better}; cheaper at no loss: {cheaper_no_loss})")
     for key in ("default", label):
@@ -314,7 +319,7 @@ def cmd_pretrain(opts) -> None:
     for k in list(PRETRAIN)[1:]:
         p = _pp(r[k]["val"], r[default]["val"])
         better = p["ci95_low"] > 0
-        no_loss = p["mean_diff"] >= -0.25 and p["ci95_low"] >= -1.0
+        no_loss = _no_loss(p)
         if better or no_loss:
             qualifying.append((p["mean_diff"], k))
         print(f"{k} - {default}: {_line(p)}; qualifies: {better or no_loss} (better: {better}; no loss: {no_loss})")

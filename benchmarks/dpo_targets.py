@@ -276,23 +276,30 @@ def _cheaper_at_no_loss(directory: str, suite: str, default: str, candidate: str
 PRETRAIN = {"1200x128": (1200, 128), "600x128": (600, 128), "1200x64": (1200, 64)}  # the default first
 
 
-def judge_recipes(recipes: dict, seeds=tuple(range(1, 9)), per_class: int = 50) -> dict:
-    """The judge of bench_generator.py on each recipe's generator as the runs use it (the digits public split of
-    public_seed 0, loaded from the generator cache the suite filled): SVC agreement of 8 x 50 samples per class
-    (DDIM-25, guidance 1.5), one value per sampling seed, and the mean within-class diversity."""
+def judge_setup() -> tuple:
+    """bench_generator.py's judge for the runs' generator: (RBF-SVC fit on the digits outside the runs' public split,
+    digits images, labels, the public split's indices: public_fraction 0.2, public_seed 0; the run seed and the other
+    fractions do not change it, so the runs' cached generator is the one loaded)."""
     from sklearn.svm import SVC
 
     from fedml_feddpd.data.digits import load_digits_tensors
     from fedml_feddpd.data.partition import split_public_train_test
-    from fedml_feddpd.generation import GeneratorConfig, load_or_pretrain_generator, sample
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_generator import diversity, judge
 
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     images, labels = load_digits_tensors()
-    # the runs' public split (public_fraction 0.2, public_seed 0; the run seed and other fractions do not change it)
     public = split_public_train_test(labels.numpy(), 10, 0.2, 0.3, 10.0, 0, public_seed=0).public
     rest = np.setdiff1d(np.arange(len(labels)), public)
-    svc = SVC().fit(images[rest].reshape(len(rest), -1).numpy(), labels[rest].numpy())
+    return SVC().fit(images[rest].reshape(len(rest), -1).numpy(), labels[rest].numpy()), images, labels, public
+
+
+def judge_recipes(recipes: dict, seeds=tuple(range(1, 9)), per_class: int = 50) -> dict:
+    """The judge of bench_generator.py on each recipe's generator as the runs use it (the digits public split of
+    public_seed 0, loaded from the generator cache the suite filled): SVC agreement of 8 x 50 samples per class
+    (DDIM-25, guidance 1.5), one value per sampling seed, and the mean within-class diversity."""
+    from fedml_feddpd.generation import GeneratorConfig, load_or_pretrain_generator, sample
+    from bench_generator import diversity, judge
+
+    svc, images, labels, public = judge_setup()
     out = {}
     for name, (steps, batch) in recipes.items():
         cfg = GeneratorConfig(pretrain_steps=steps, pretrain_batch_size=batch, sample_steps=25)

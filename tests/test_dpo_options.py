@@ -114,3 +114,7 @@ def test_warm_start_continues_from_the_saved_adapter(monkeypatch):
         second = started[1]
         same = all(torch.equal(second[k], saved[k]) for k in saved)
         assert same == warm, f"warm_start={warm}: the second round started from the saved weights: {same}"
+        now = service.adapter_states()["client_0"]  # the checkpoint's copy follows the adapter it trained again
+        assert set(now) == set(saved) == set(adapter_parameters(gen.unet, "client_0"))
+        assert all(torch.equal(now[k], p) for k, p in adapter_parameters(gen.unet, "client_0").items())
+        assert not all(torch.equal(now[k], saved[k]) for k in saved)

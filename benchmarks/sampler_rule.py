@@ -1,7 +1,8 @@
 """The rule of configs/validate_sampler_digits.yaml: a faster sampler for the pool and the supplements (issue #14).
 
     python benchmarks/sampler_rule.py screen [--threads 2]          # stage 1: the judge, every candidate spec
-    python benchmarks/sampler_rule.py decide runs/validate_sampler_digits [--spec "dpm 10"]   # stage 2
+    python benchmarks/sampler_rule.py decide runs/validate_sampler_digits --spec "ddim 10"   # stage 2
+    python benchmarks/sampler_rule.py decide runs/validate_sampler_digits --spec "ddim 10" --steps 5   # stage 3
 
 `screen` samples the default generator (as the runs load it from the cache) with every spec and prints the judge's
 agreement and diversity against ddim 25, paired per sampling seed, the seconds each spec took, and which spec the
@@ -81,6 +82,8 @@ def cmd_screen(opts) -> None:
 def cmd_decide(opts) -> None:
     names = {DEFAULT: f"FedDPD ({DEFAULT})", opts.spec: f"FedDPD ({opts.spec})"}
     base = Path(opts.dir) / "runs" / "IF=10"
+    if opts.steps:
+        return _decide_steps(base, names[opts.spec], f"FedDPD ({opts.spec}; dpo steps {opts.steps})")
     r = _suite(base, names, list(range(8)), SUITE)
     p = _pp(r[opts.spec]["val"], r[DEFAULT]["val"])
     better, no_loss = p["ci95_low"] > 0, _no_loss(p)
@@ -102,6 +105,20 @@ def cmd_decide(opts) -> None:
               f"{np.mean(n['server']):.1f} = {np.mean(r[k]['server']) / np.mean(n['server']):.2f}x")
 
 
+def _decide_steps(base: Path, default: str, candidate: str) -> None:
+    """Stage 3: fewer DPO steps at the adopted sampler, against 10 steps."""
+    r = _suite(base, {"default": default, "cand": candidate}, list(range(8)), SUITE)
+    p = _pp(r["cand"]["val"], r["default"]["val"])
+    better, no_loss = p["ci95_low"] > 0, _no_loss(p)
+    print(f"validation top-1 (last 10 rounds), 8 seeds: {default} {100 * np.mean(r['default']['val']):.2f}, "
+          f"{candidate} {100 * np.mean(r['cand']['val']):.2f}")
+    print(f"{candidate} - {default}: {_line(p)}; better: {better}; no loss: {no_loss}")
+    print(f"rule: {candidate} becomes the default" if better or no_loss else f"rule: {default} stays the default")
+    print(f"looked at after the decision, test top-1 (final): {_line(_pp(r['cand']['test'], r['default']['test']))}; "
+          f"server seconds {np.mean(r['default']['server']):.1f} vs {np.mean(r['cand']['server']):.1f} "
+          "(mean of 8, 2 runs at a time)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -110,6 +127,7 @@ def main():
     d = sub.add_parser("decide")
     d.add_argument("dir", nargs="?", default=str(ROOT / "runs" / "validate_sampler_digits"))
     d.add_argument("--spec", required=True, choices=CANDIDATES, help="the spec stage 1 sent to stage 2")
+    d.add_argument("--steps", type=int, default=None, help="stage 3: this many DPO steps against 10 at --spec")
     opts = parser.parse_args()
     {"screen": cmd_screen, "decide": cmd_decide}[opts.cmd](opts)
 

@@ -1,6 +1,7 @@
 """The rule of configs/validate_sampler_digits.yaml: a faster sampler for the pool and the supplements (issue #14).
 
     python benchmarks/sampler_rule.py screen [--threads 2]          # stage 1: the judge, every candidate spec
+    python benchmarks/sampler_rule.py screen --specs "dpm 10" "dpm 15"   # the judge on some specs only
     python benchmarks/sampler_rule.py decide runs/validate_sampler_digits --spec "ddim 10"   # stage 2
     python benchmarks/sampler_rule.py decide runs/validate_sampler_digits --spec "ddim 10" --steps 5   # stage 3
 
@@ -60,7 +61,7 @@ def judge_specs(specs, per_class: int = 50) -> dict:
 def cmd_screen(opts) -> None:
     torch.set_num_threads(opts.threads)
     print(f"before: {load()}; {opts.threads} torch threads")
-    j = judge_specs((DEFAULT,) + CANDIDATES)
+    j = judge_specs((DEFAULT,) + tuple(opts.specs or CANDIDATES))
     base = j[DEFAULT]
     passing = []
     for spec, v in j.items():
@@ -124,6 +125,7 @@ def main():
     sub = parser.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("screen")
     s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--specs", nargs="+", default=None, help='judge only these, e.g. "dpm 10" (default: the rule\'s)')
     d = sub.add_parser("decide")
     d.add_argument("dir", nargs="?", default=str(ROOT / "runs" / "validate_sampler_digits"))
     d.add_argument("--spec", required=True, choices=CANDIDATES, help="the spec stage 1 sent to stage 2")

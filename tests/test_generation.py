@@ -337,6 +337,22 @@ def test_adapters_isolated_disable_reproduces_base(tmp_path):
     assert n_params > 0 and n_bytes == 4 * n_params
 
 
+def test_adapter_weights_copies_each_adapter_in_one_pass(tmp_path):
+    from fedml_feddpd.generation.adapters import adapter_weights
+
+    unet = build_unet(tiny_cfg(tmp_path)).eval()
+    for name in ("client_1", "client_10"):  # one name a prefix of the other
+        add_adapter(unet, name, DPOSettings())
+        for p in adapter_parameters(unet, name).values():
+            torch.nn.init.normal_(p, std=0.05)
+    weights = adapter_weights(unet)
+    assert list(weights) == ["client_1", "client_10"]
+    for name, copy in weights.items():
+        live = adapter_parameters(unet, name)
+        assert set(copy) == set(live) and all(torch.equal(copy[k], p) for k, p in live.items())
+        assert all(copy[k].data_ptr() != p.data_ptr() for k, p in live.items())  # copies, not the live weights
+
+
 def test_adapter_save_load_round_trip_and_delete(tmp_path):
     cfg = tiny_cfg(tmp_path)
     torch.manual_seed(0)

@@ -237,6 +237,18 @@ def adapter_parameters(unet, name: str) -> Dict[str, torch.nn.Parameter]:
     return {n: p for n, p in unet.named_parameters() if f".{name}." in n and "lora_" in n}
 
 
+def adapter_weights(unet) -> Dict[str, Dict[str, torch.Tensor]]:
+    """A copy of every adapter's LoRA weights, {name: {parameter name: tensor}}, in one pass over the UNet's
+    parameters (`adapter_parameters` walks them once per adapter)."""
+    names = adapter_names(unet)
+    out = {name: {} for name in names}
+    for k, p in unet.named_parameters():
+        for name in (names if "lora_" in k else ()):
+            if f".{name}." in k:  # adapter_parameters' test
+                out[name][k] = p.detach().cpu().clone()
+    return out
+
+
 def adapter_size(unet, name: str) -> Tuple[int, int]:
     """(parameter count, bytes) of one adapter's weights."""
     params = adapter_parameters(unet, name).values()

@@ -347,6 +347,8 @@ def test_adapter_weights_copies_each_adapter_in_one_pass(tmp_path):
             torch.nn.init.normal_(p, std=0.05)
     weights = adapter_weights(unet)
     assert list(weights) == ["client_1", "client_10"]
+    a, b = set(weights["client_1"]), set(weights["client_10"])
+    assert a and len(a) == len(b) and not a & b  # neither takes the other's weights
     for name, copy in weights.items():
         live = adapter_parameters(unet, name)
         assert set(copy) == set(live) and all(torch.equal(copy[k], p) for k, p in live.items())

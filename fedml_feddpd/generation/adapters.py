@@ -232,9 +232,14 @@ def adapters_disabled(unet):
             p.requires_grad_(grads[n])
 
 
+def _weight_of(param_name: str, name: str) -> bool:
+    """Whether UNet parameter `param_name` is a LoRA weight of adapter `name` (".client_1." is not ".client_10.")."""
+    return f".{name}." in param_name and "lora_" in param_name
+
+
 def adapter_parameters(unet, name: str) -> Dict[str, torch.nn.Parameter]:
     _require(unet, name)
-    return {n: p for n, p in unet.named_parameters() if f".{name}." in n and "lora_" in n}
+    return {n: p for n, p in unet.named_parameters() if _weight_of(n, name)}
 
 
 def adapter_weights(unet) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -243,8 +248,8 @@ def adapter_weights(unet) -> Dict[str, Dict[str, torch.Tensor]]:
     names = adapter_names(unet)
     out = {name: {} for name in names}
     for k, p in unet.named_parameters():
-        for name in (names if "lora_" in k else ()):
-            if f".{name}." in k:  # adapter_parameters' test
+        for name in names:
+            if _weight_of(k, name):
                 out[name][k] = p.detach().cpu().clone()
     return out
 

@@ -285,32 +285,44 @@ def judge_setup() -> tuple:
     from fedml_feddpd.data.digits import load_digits_tensors
     from fedml_feddpd.data.partition import split_public_train_test
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     images, labels = load_digits_tensors()
     public = split_public_train_test(labels.numpy(), 10, 0.2, 0.3, 10.0, 0, public_seed=0).public
     rest = np.setdiff1d(np.arange(len(labels)), public)
     return SVC().fit(images[rest].reshape(len(rest), -1).numpy(), labels[rest].numpy()), images, labels, public
 
 
-def judge_recipes(recipes: dict, seeds=tuple(range(1, 9)), per_class: int = 50) -> dict:
-    """The judge of bench_generator.py on each recipe's generator as the runs use it (the digits public split of
-    public_seed 0, loaded from the generator cache the suite filled): SVC agreement of 8 x 50 samples per class
-    (DDIM-25, guidance 1.5), one value per sampling seed, and the mean within-class diversity."""
-    from fedml_feddpd.generation import GeneratorConfig, load_or_pretrain_generator, sample
+def judge_seeds(gen, svc, cfg, steps: int, sampler: str = "ddim", seeds=tuple(range(1, 9)),
+                per_class: int = 50) -> dict:
+    """bench_generator.py's judge on generator `gen` sampled with `sampler` for `steps` steps and cfg's guidance:
+    {"agreement", "diversity", "seconds"}, one value per sampling seed (per_class samples of each class)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_generator import diversity, judge
+
+    from fedml_feddpd.generation import sample
+
+    row = {"agreement": [], "diversity": [], "seconds": []}
+    for seed in seeds:
+        start = time.perf_counter()
+        x, y = sample(gen.unet, gen.scheduler, [per_class] * 10, steps=steps, seed=seed, sampler=sampler,
+                      guidance_scale=cfg.guidance_scale, null_class=gen.null_class)
+        row["seconds"].append(time.perf_counter() - start)
+        row["agreement"].append(judge(svc, x, y)[0])
+        row["diversity"].append(diversity(x, y))
+    return row
+
+
+def judge_recipes(recipes: dict) -> dict:
+    """The judge (judge_seeds) on each recipe's generator as the runs use it (the digits public split of
+    public_seed 0, loaded from the generator cache the suite filled): 8 sampling seeds x 50 per class, DDIM-25,
+    guidance 1.5."""
+    from fedml_feddpd.generation import GeneratorConfig, load_or_pretrain_generator
 
     svc, images, labels, public = judge_setup()
     out = {}
     for name, (steps, batch) in recipes.items():
         cfg = GeneratorConfig(pretrain_steps=steps, pretrain_batch_size=batch, sample_steps=25)
         gen = load_or_pretrain_generator(cfg, images[public], labels[public], seed=0, progress=False)
-        agree, div = [], []
-        for seed in seeds:
-            x, y = sample(gen.unet, gen.scheduler, [per_class] * 10, steps=cfg.sample_steps, seed=seed,
-                          guidance_scale=cfg.guidance_scale, null_class=gen.null_class)
-            agree.append(judge(svc, x, y)[0])
-            div.append(diversity(x, y))
-        out[name] = {"agreement": agree, "diversity": div, "source": gen.source}
+        out[name] = {**judge_seeds(gen, svc, cfg, cfg.sample_steps), "source": gen.source}
     return out
 
 

@@ -12,14 +12,13 @@ decision, then, not part of it, the test figures and FedDPD - dpo:false where th
 """
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dpo_targets import ROOT, _line, _no_loss, _pp, _suite, judge_setup, load  # noqa: E402
+from dpo_targets import ROOT, _line, _no_loss, _pp, _suite, judge_seeds, judge_setup, load  # noqa: E402
 
 DEFAULT = "ddim 25"
 CANDIDATES = ("ddim 15", "ddim 10", "dpm 15", "dpm 10")
@@ -34,28 +33,15 @@ def _spec(spec: str) -> tuple:
     return sampler, int(steps)
 
 
-def judge_specs(specs, per_class: int = 50) -> dict:
-    """{spec: {"agreement", "diversity", "seconds"}: one value per sampling seed} on the default generator."""
-    from bench_generator import diversity, judge
-
-    from fedml_feddpd.generation import GeneratorConfig, load_or_pretrain_generator, sample
+def judge_specs(specs) -> dict:
+    """{spec: judge_seeds' {"agreement", "diversity", "seconds"}} on the default generator."""
+    from fedml_feddpd.generation import GeneratorConfig, load_or_pretrain_generator
 
     svc, images, labels, public = judge_setup()
     cfg = GeneratorConfig()
     gen = load_or_pretrain_generator(cfg, images[public], labels[public], seed=0, progress=False)
     print(f"generator: {cfg.pretrain_steps} x {cfg.pretrain_batch_size} steps, from {gen.source}")
-    out = {}
-    for spec in specs:
-        sampler, steps = _spec(spec)
-        row = out[spec] = {"agreement": [], "diversity": [], "seconds": []}
-        for seed in SEEDS:
-            start = time.perf_counter()
-            x, y = sample(gen.unet, gen.scheduler, [per_class] * 10, steps=steps, seed=seed, sampler=sampler,
-                          guidance_scale=cfg.guidance_scale, null_class=gen.null_class)
-            row["seconds"].append(time.perf_counter() - start)
-            row["agreement"].append(judge(svc, x, y)[0])
-            row["diversity"].append(diversity(x, y))
-    return out
+    return {spec: judge_seeds(gen, svc, cfg, _spec(spec)[1], _spec(spec)[0], SEEDS) for spec in specs}
 
 
 def cmd_screen(opts) -> None:
@@ -81,43 +67,33 @@ def cmd_screen(opts) -> None:
 
 
 def cmd_decide(opts) -> None:
-    names = {DEFAULT: f"FedDPD ({DEFAULT})", opts.spec: f"FedDPD ({opts.spec})"}
+    """Stage 2 (--spec against ddim 25) or, with --steps, stage 3 (those DPO steps against 10, both at --spec)."""
     base = Path(opts.dir) / "runs" / "IF=10"
     if opts.steps:
-        return _decide_steps(base, names[opts.spec], f"FedDPD ({opts.spec}; dpo steps {opts.steps})")
+        default, cand = f"FedDPD ({opts.spec})", f"FedDPD ({opts.spec}; dpo steps {opts.steps})"
+        names = {default: default, cand: cand}
+    else:
+        default, cand = DEFAULT, opts.spec
+        names = {DEFAULT: f"FedDPD ({DEFAULT})", opts.spec: f"FedDPD ({opts.spec})"}
     r = _suite(base, names, list(range(8)), SUITE)
-    p = _pp(r[opts.spec]["val"], r[DEFAULT]["val"])
+    p = _pp(r[cand]["val"], r[default]["val"])
     better, no_loss = p["ci95_low"] > 0, _no_loss(p)
     print("validation top-1 (last 10 rounds), 8 seeds: " +
           ", ".join(f"{k} {100 * np.mean(r[k]['val']):.2f}" for k in names))
-    print(f"{opts.spec} - {DEFAULT}: {_line(p)}; better: {better}; no loss: {no_loss}")
-    print(f"rule: {opts.spec} becomes the default" if better or no_loss else f"rule: {DEFAULT} stays the default")
-    print(f"looked at after the decision, test top-1 (final): {opts.spec} - {DEFAULT} "
-          f"{_line(_pp(r[opts.spec]['test'], r[DEFAULT]['test']))}; server seconds "
+    print(f"{cand} - {default}: {_line(p)}; better: {better}; no loss: {no_loss}")
+    print(f"rule: {cand} becomes the default" if better or no_loss else f"rule: {default} stays the default")
+    print(f"looked at after the decision, test top-1 (final): {cand} - {default} "
+          f"{_line(_pp(r[cand]['test'], r[default]['test']))}; server seconds "
           + ", ".join(f"{k} {np.mean(r[k]['server']):.1f}" for k in names) + " (mean of 8, 2 runs at a time)")
     from fedml_feddpd.compare_report import _slug
 
     nodpo = f"FedDPD (dpo: false; {opts.spec})"
-    if (base / _slug(nodpo) / "seed7" / "metrics.json").is_file():
+    if not opts.steps and (base / _slug(nodpo) / "seed7" / "metrics.json").is_file():
         n = _suite(base, {"n": nodpo}, list(range(8)), SUITE)["n"]
         k = opts.spec
         print(f"FedDPD ({k}) - dpo:false ({k}), test top-1 (final): {_line(_pp(r[k]['test'], n['test']))}; "
               f"validation {_line(_pp(r[k]['val'], n['val']))}; server seconds {np.mean(r[k]['server']):.1f} vs "
               f"{np.mean(n['server']):.1f} = {np.mean(r[k]['server']) / np.mean(n['server']):.2f}x")
-
-
-def _decide_steps(base: Path, default: str, candidate: str) -> None:
-    """Stage 3: fewer DPO steps at the adopted sampler, against 10 steps."""
-    r = _suite(base, {"default": default, "cand": candidate}, list(range(8)), SUITE)
-    p = _pp(r["cand"]["val"], r["default"]["val"])
-    better, no_loss = p["ci95_low"] > 0, _no_loss(p)
-    print(f"validation top-1 (last 10 rounds), 8 seeds: {default} {100 * np.mean(r['default']['val']):.2f}, "
-          f"{candidate} {100 * np.mean(r['cand']['val']):.2f}")
-    print(f"{candidate} - {default}: {_line(p)}; better: {better}; no loss: {no_loss}")
-    print(f"rule: {candidate} becomes the default" if better or no_loss else f"rule: {default} stays the default")
-    print(f"looked at after the decision, test top-1 (final): {_line(_pp(r['cand']['test'], r['default']['test']))}; "
-          f"server seconds {np.mean(r['default']['server']):.1f} vs {np.mean(r['cand']['server']):.1f} "
-          "(mean of 8, 2 runs at a time)")
 
 
 def main():

@@ -38,7 +38,7 @@ from .adapters import (  # noqa: E402
 )
 from .config import LOSS_TYPES, DPOSettings  # noqa: E402
 from .dpo_batches import (  # noqa: E402
-    DenoisingPolicy, FrozenReference, JointPairs, PairCollator, Steps, _check_pairs,
+    DenoisingPolicy, FrozenReference, JointPairs, JointRows, PairCollator, Steps, _check_pairs,
 )
 
 __all__ = ["DiffusionDPOTrainer", "PairCollator", "build_dpo_trainer", "build_joint_trainer", "dpo_config",
@@ -130,16 +130,19 @@ class DiffusionDPOTrainer(DPOTrainer):
         with torch.no_grad(), adapters_disabled(policy.unet):
             ref = policy(**joint)
         policy.joint = {"policy": out, "reference": ref}
+        # TRL reads self.model per call (its mode, is_peft_model): the rows view answers as the policy would
+        view, trained = JointRows(policy), self.model
+        self.model = view
         try:
             total = 0.0
             for name, sub in inputs["groups"]:
-                loss = super()._compute_loss(model, sub, False)
+                loss = super()._compute_loss(view, sub, False)
                 total = total + loss
-                mode = "train" if self.model.training else "eval"
+                mode = "train" if view.training else "eval"
                 step = {k: v[-1] for k, v in self._metrics[mode].items() if v and k.startswith(("rewards/", "logps/"))}
                 self.history.setdefault(name, []).append(dict(step, loss=float(loss.detach())))
         finally:
-            policy.joint = None
+            self.model, policy.joint = trained, None
         return total
 
     def _clip_grad_norm(self, model):

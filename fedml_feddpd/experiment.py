@@ -143,7 +143,7 @@ def server_step(party: Party, deliver: Callable, show_progress: bool):
                                                    progress=show_progress, device=device)
         generator.unet.to(device)
         service = GeneratorService(generator, DPOSettings(**cfg.sections["dpo_args"]), gen_cfg,
-                                   sample_threads=threads)
+                                   threads=threads)
         info = {"source": generator.source, "path": generator.path, "seconds": generator.seconds}
     return ServerStep(policy, Scorer(party.model, data.space, device), service, args.comm_round - 1, deliver), info
 

@@ -118,3 +118,32 @@ def test_warm_start_continues_from_the_saved_adapter(monkeypatch):
         assert set(now) == set(saved) == set(adapter_parameters(gen.unet, "client_0"))
         assert all(torch.equal(now[k], p) for k, p in adapter_parameters(gen.unet, "client_0").items())
         assert not all(torch.equal(now[k], saved[k]) for k in saved)
+
+
+def test_dpo_and_sampling_run_on_the_generator_threads(monkeypatch):
+    """run_args.generator_threads sets the torch threads of sampling and of a round's joint DPO (1.5x faster on 2
+    threads than on 1 at 10 clients), while the rest of the server step keeps the run's torch_threads."""
+    import fedml_feddpd.generation as generation
+    from fedml_feddpd.generation import DPOSettings, GeneratorConfig
+    from fedml_feddpd.generation.pretrain import ServerGenerator
+    from fedml_feddpd.generation.unet import build_train_scheduler, build_unet
+    from fedml_feddpd.supplement import GeneratorService
+
+    seen = {}
+    monkeypatch.setattr(generation, "train_dpo_adapters",
+                        lambda *a, **k: seen.setdefault("dpo", torch.get_num_threads()) and {})
+    monkeypatch.setattr(generation, "sample_jobs",
+                        lambda unet, sched, jobs, **k: seen.setdefault("sample", torch.get_num_threads()) and [
+                            (torch.zeros(0), torch.zeros(0)) for _ in jobs])
+    cfg = GeneratorConfig(block_out_channels=(8, 16), attention_head_dim=8)
+    gen = ServerGenerator(build_unet(cfg).requires_grad_(False), build_train_scheduler(cfg), "test", None, 0.0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        service = GeneratorService(gen, DPOSettings(), cfg, threads=2)
+        service.train_adapters({"client_0": (torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8), torch.zeros(2), 0)})
+        service.sample_many({0: ([1] * 10, 0, None)})
+        assert seen == {"dpo": 2, "sample": 2}
+        assert torch.get_num_threads() == 1  # put back afterwards
+    finally:
+        torch.set_num_threads(before)

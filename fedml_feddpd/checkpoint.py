@@ -156,6 +156,22 @@ def read_checkpoint(directory: Path, cfg) -> dict | None:
     return state
 
 
+def pack_weights(weights: dict) -> dict:
+    """One adapter's weights {name: tensor} as one flat tensor plus names and shapes: torch.save writes ten
+    adapters' 640 small tensors in ~20 ms, a checkpoint every round; packed, ten tensors take ~3 ms."""
+    return {"names": list(weights), "shapes": [tuple(t.shape) for t in weights.values()],
+            "flat": torch.cat([t.reshape(-1) for t in weights.values()]) if weights else torch.empty(0)}
+
+
+def unpack_weights(packed: dict) -> dict:
+    """pack_weights undone; a checkpoint written before packing holds {name: tensor} and is returned as it is."""
+    if set(packed) != {"names", "shapes", "flat"} or not isinstance(packed["flat"], torch.Tensor):
+        return packed
+    sizes = [int(np.prod(shape)) for shape in packed["shapes"]]
+    parts = packed["flat"].split(sizes) if sizes else []
+    return {n: t.reshape(shape) for n, t, shape in zip(packed["names"], parts, packed["shapes"])}
+
+
 class Checkpointer:
     """Saves and restores one experiment (runner.Experiment) at round ends."""
 
@@ -191,7 +207,8 @@ class Checkpointer:
             state["server_step"] = {
                 "log": step.log,
                 "delivered": {cid: (s.images, s.labels, s.stats) for cid, s in step.delivered.items()},
-                "adapters": step.generator.adapter_states() if step.generator is not None else {},
+                "adapters": {name: pack_weights(w) for name, w in step.generator.adapter_states().items()}
+                if step.generator is not None else {},
                 "policy": step.policy.state_dict(),
             }
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -221,7 +238,7 @@ class Checkpointer:
             saved = state["server_step"]
             step.log.update(saved["log"])
             if step.generator is not None:
-                step.generator.load_adapter_states(saved["adapters"])
+                step.generator.load_adapter_states({n: unpack_weights(w) for n, w in saved["adapters"].items()})
             try:  # {}: a checkpoint written before policies saved their state (see FORMAT)
                 step.policy.load_state_dict(saved.get("policy", {}))
             except ValueError as exc:

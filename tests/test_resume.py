@@ -41,6 +41,7 @@ def _checkpoint_round(path):
 
 
 def test_sigkill_mid_run_resumes_to_identical_metrics(tmp_path):
+    from fedml_feddpd.checkpoint import unpack_weights
     from fedml_feddpd.cli import main
     from fedml_feddpd.config import validate
     from fedml_feddpd.runner import run
@@ -64,6 +65,15 @@ def test_sigkill_mid_run_resumes_to_identical_metrics(tmp_path):
     killed_at = _checkpoint_round(out / "checkpoint.pt")
     assert 1 <= killed_at < ROUNDS - 1
     assert not (out / "metrics.json").exists() and (out / "INCOMPLETE").is_file()
+    # the same checkpoint with the adapters as written before they were packed: {parameter name: tensor}
+    legacy = tmp_path / "legacy"
+    shutil.copytree(out, legacy)
+    state = torch.load(legacy / "checkpoint.pt", map_location="cpu", weights_only=False)
+    adapters = state["server_step"]["adapters"]
+    assert adapters and all(set(packed) == {"names", "shapes", "flat"} for packed in adapters.values())
+    state["server_step"]["adapters"] = {name: {k: t.clone() for k, t in unpack_weights(packed).items()}
+                                        for name, packed in adapters.items()}
+    torch.save(state, legacy / "checkpoint.pt")
 
     assert main(["run", "--cf", str(path), "--out", str(out), "--resume", "--no-progress"]) == 0
     resumed = run(validate(raw, str(path)), out, show_progress=False, resume=True)  # finished: read back
@@ -71,6 +81,9 @@ def test_sigkill_mid_run_resumes_to_identical_metrics(tmp_path):
     assert _strip(resumed["rounds"]) == _strip(reference["rounds"])
     assert resumed["final"] == reference["final"]
     assert sorted(os.listdir(out)) == ["config.yaml", "metrics.json"]
+    assert main(["run", "--cf", str(path), "--out", str(legacy), "--resume", "--no-progress"]) == 0
+    again = run(validate(raw, str(path)), legacy, show_progress=False, resume=True)
+    assert _strip(again["rounds"]) == _strip(reference["rounds"])
     # supplements were delivered both before and after the kill
     supplied = [r["round"] for r in resumed["rounds"] if r.get("server_step", {}).get("supplements")]
     assert supplied == [0, 2] and killed_at in (1, 2)
@@ -160,6 +173,19 @@ def test_every_supplement_method_resumes_to_identical_metrics(method, tmp_path, 
         assert main(["run", "--cf", str(path), "--out", str(legacy), "--resume", "--no-progress"]) == 0
         again = run(validate(raw, str(path)), legacy, show_progress=False, resume=True)
         assert _strip(again["rounds"]) == _strip(reference["rounds"])
+
+
+def test_adapter_weights_pack_into_one_tensor_and_back():
+    from fedml_feddpd.checkpoint import pack_weights, unpack_weights
+
+    weights = {"up.conv1.lora_A.client_1.weight": torch.randn(4, 8, 3, 3),
+               "up.conv1.lora_B.client_1.weight": torch.randn(16, 4, 1, 1), "to_q.lora_A.client_1.weight": torch.randn(4, 16)}
+    packed = pack_weights(weights)
+    assert [k for k, v in packed.items() if torch.is_tensor(v)] == ["flat"]
+    back = unpack_weights(packed)
+    assert list(back) == list(weights) and all(torch.equal(back[k], weights[k]) for k in weights)
+    assert unpack_weights(weights) is weights  # written before packing: as it is
+    assert unpack_weights(pack_weights({})) == {}
 
 
 @pytest.fixture

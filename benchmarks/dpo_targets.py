@@ -4,6 +4,7 @@
     python benchmarks/dpo_targets.py clients 10 20         # server seconds of one supplement round vs clients
     python benchmarks/dpo_targets.py clients 10 20 40 --imbalance-factor 1 --alpha 0.5 --one-by-one 10
     python benchmarks/dpo_targets.py ratio --seeds 0 1     # FedDPD vs dpo:false server seconds, same split, one run
+    python benchmarks/dpo_targets.py ratio --threads 0     # the same with the config's threads (generator: all cores)
     python benchmarks/dpo_targets.py validate runs/validate_dpo_digits   # the default rule + server-time ratio
     python benchmarks/dpo_targets.py switch runs/validate_switch_digits  # the keep_previous rule
     python benchmarks/dpo_targets.py pool-short runs/explore_pool_short_digits  # DPO where the pool runs short
@@ -84,7 +85,7 @@ def cmd_ratio(opts) -> None:
     from fedml_feddpd.config import validate
     from fedml_feddpd.runner import run
 
-    print(f"before: {load()}; torch threads {opts.threads}")
+    print(f"before: {load()}; threads {opts.threads or 'as configured'}")
     totals = {True: [], False: []}
     with tempfile.TemporaryDirectory(prefix="feddpd-ratio-") as tmp:
         for seed in opts.seeds:
@@ -92,7 +93,9 @@ def cmd_ratio(opts) -> None:
                 raw = yaml.safe_load((ROOT / MAIN_CONFIG).read_text())
                 raw["common_args"]["random_seed"] = seed
                 raw["feddpd"]["dpo"] = dpo
-                raw["run_args"].update(baseline="none", torch_threads=opts.threads, generator_threads=opts.threads)
+                raw["run_args"]["baseline"] = "none"
+                if opts.threads:  # 0: the config's own (classifier 1 thread, generator work on all cores)
+                    raw["run_args"].update(torch_threads=opts.threads, generator_threads=opts.threads)
                 res = run(validate(raw, MAIN_CONFIG), f"{tmp}/s{seed}_{dpo}", show_progress=False)
                 totals[dpo].append(res["server_seconds_total"])
                 print(f"seed {seed} {'FedDPD' if dpo else 'dpo: false'}: server {res['server_seconds_total']:.1f} s, "
@@ -467,7 +470,7 @@ def main():
     v.add_argument("dir")
     r = sub.add_parser("ratio")
     r.add_argument("--seeds", type=int, nargs="+", default=[0])
-    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--threads", type=int, default=1, help="torch and generator threads; 0: as the config sets them")
     sub.add_parser("switch").add_argument("dir")
     sub.add_parser("pool-short").add_argument("dir")
     sub.add_parser("lean").add_argument("dir")

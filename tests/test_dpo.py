@@ -157,6 +157,36 @@ def test_routed_pass_equals_each_row_through_its_own_adapter():
     assert "forward" not in vars(next(m for m in unet.modules() if hasattr(m, "lora_A") and m is not layer))
 
 
+def test_routed_gradients_are_the_same_from_run_to_run_on_two_threads():
+    """A joint DPO step on 2 threads gave different adapter gradients from one run to the next (the backward of
+    a[rows] adds with atomics when torch runs several threads), and so did same-seed runs (test_determinism):
+    clients of uneven sizes, 2 threads, the same pass 60 times, equal gradients (the race showed in 1 to 10 of 10
+    passes of this test's setup before index_select)."""
+    from fedml_feddpd.generation.adapters import routed, set_trainable_adapters
+    from fedml_feddpd.threads import torch_threads
+
+    unet, _ = tiny()
+    g = torch.Generator().manual_seed(3)
+    for name in ("a", "b", "c", "d"):
+        add_adapter(unet, name, DPOSettings())
+        for p in adapter_parameters(unet, name).values():
+            p.data.normal_(0.0, 0.05, generator=g)
+    set_trainable_adapters(unet, ["a", "b", "c", "d"])
+    names = ["a"] * 19 + ["b"] * 11 + ["c"] * 23 + ["d"] * 11  # uneven: the threads split an adapter's rows
+    x, t, y = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 1000, (64,), generator=g), torch.arange(64) % 10
+
+    def grads():
+        unet.zero_grad()
+        with routed(unet, names):
+            unet(x, t, class_labels=y).sample.pow(2).mean().backward()
+        return [p.grad.clone() for p in unet.parameters() if p.grad is not None]
+
+    with torch_threads(2):
+        first = grads()
+        for _ in range(59):
+            assert all(torch.equal(a, b) for a, b in zip(first, grads()))
+
+
 def test_sampling_many_adapters_in_shared_batches_equals_sampling_each_alone():
     """#14: sample_jobs routes each job's rows through its own adapter (or the base) in shared UNet batches;
     each job's images equal a lone `sample` with that adapter active and the job's seed."""

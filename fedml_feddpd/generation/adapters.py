@@ -172,8 +172,11 @@ def _batched_lora(layer, order, rows, gathered, x, *args, **kwargs):
         a = torch.stack([layer.lora_A[n].weight for n in order])
         b = torch.stack([layer.lora_B[n].weight * layer.scaling[n] for n in order])
         rows = rows.to(a.device)
-        a = torch.cat([a, a.new_zeros((1,) + a.shape[1:])])[rows].to(x.dtype)
-        b = torch.cat([b, b.new_zeros((1,) + b.shape[1:])])[rows].to(x.dtype)
+        # index_select, not a[rows]: the backward of advanced indexing (index_put_ with accumulate) adds rows'
+        # gradients with atomics when torch runs more than one thread, so a step's result varied from run to run;
+        # index_select's (index_add_) adds them in row order, as one thread does
+        a = torch.cat([a, a.new_zeros((1,) + a.shape[1:])]).index_select(0, rows).to(x.dtype)
+        b = torch.cat([b, b.new_zeros((1,) + b.shape[1:])]).index_select(0, rows).to(x.dtype)
         if not torch.is_grad_enabled():
             gathered["ab"] = a, b
     else:

@@ -232,6 +232,7 @@ def _null_class(unet: GeneratorUNet, cfg: GeneratorConfig) -> Optional[int]:
 
 def _frozen(unet: GeneratorUNet) -> GeneratorUNet:
     unet.requires_grad_(False)
+    unet.zero_grad(set_to_none=True)  # pretraining's last gradients: a frozen UNet holds none
     return unet.eval()
 
 

@@ -157,8 +157,8 @@ def read_checkpoint(directory: Path, cfg) -> dict | None:
 
 
 def pack_weights(weights: dict) -> dict:
-    """One adapter's weights {name: tensor} as one flat tensor plus names and shapes: torch.save writes ten
-    adapters' 640 small tensors in ~20 ms, a checkpoint every round; packed, ten tensors take ~3 ms."""
+    """One adapter's weights {name: tensor} as one flat tensor plus names and shapes: torch.save wrote ten
+    adapters' 640 small tensors in 27.7 ms, a checkpoint every round; packed, 4.2 ms (packing included)."""
     return {"names": list(weights), "shapes": [tuple(t.shape) for t in weights.values()],
             "flat": torch.cat([t.reshape(-1) for t in weights.values()]) if weights else torch.empty(0)}
 

@@ -81,7 +81,7 @@ class GeneratorService:
 
         unet = self.generator.unet
         keys = list(jobs)
-        with torch_threads(self.threads or torch.get_num_threads()):
+        with torch_threads(self.threads):
             out = sample_jobs(unet, self.generator.scheduler,
                               [(jobs[k][2] or BASE, [int(c) for c in jobs[k][0]], jobs[k][1]) for k in keys],
                               steps=self.sample_steps, guidance_scale=self.guidance_scale,
@@ -103,7 +103,7 @@ class GeneratorService:
             if has_adapter(unet, name) and not self.dpo_settings.warm_start:
                 delete_adapter(unet, name)
         # a round's joint batch (every client's pairs) gains from threads as sampling does: 1.5x on 2 cores
-        with torch_threads(self.threads or torch.get_num_threads()):
+        with torch_threads(self.threads):
             return train_dpo_adapters(unet, self.generator.scheduler, jobs, self.dpo_settings)
 
     def adapter_states(self) -> dict[str, dict[str, torch.Tensor]]:

@@ -5,7 +5,10 @@ setup(
     name="fedml-feddpd",
     version="0.1.0",
     description="FedDPD for FedML: server-side Diffusion-DPO supplements against globally imbalanced non-IID data",
-    packages=find_packages(include=["fedml_feddpd", "fedml_feddpd.*", "baselines", "baselines.*"]),
+    # The repository keeps the baselines in a top-level baselines/ folder; they install inside the package as
+    # fedml_feddpd.baselines, so nothing with a generic name lands in site-packages.
+    packages=find_packages(include=["fedml_feddpd", "fedml_feddpd.*"]) + ["fedml_feddpd.baselines"],
+    package_dir={"fedml_feddpd.baselines": "baselines"},
     python_requires=">=3.10",
     install_requires=[
         "fedml==0.9.6",

@@ -149,37 +149,37 @@ register(Method("FedDPD", "discrepancy-guided, Diffusion-DPO-adapted synthetic s
                 reads={"feddpd": ALL, "dpo_args": ALL, "generator": ALL}, backends=ALL_BACKENDS,
                 unread=_feddpd_unread, check=_feddpd_check))
 register(Method("FedDiff", "one class-balanced synthetic set shared by every client",
-                policy="baselines.feddiff:FedDiffPolicy",
+                policy="fedml_feddpd.baselines.feddiff:FedDiffPolicy",
                 reads={"feddpd": SCHEDULE + ("supplement_ratio",), "generator": ALL}, backends=ALL_BACKENDS))
 register(Method("Balance", "synthetic samples that flatten each client's label histogram",
-                policy="baselines.balance:BalancePolicy", reads={"feddpd": SCHEDULE, "generator": ALL},
+                policy="fedml_feddpd.baselines.balance:BalancePolicy", reads={"feddpd": SCHEDULE, "generator": ALL},
                 privacy=LABEL_COUNTS, backends=ALL_BACKENDS))
 register(Method("Oracle", "real held-out samples from the global distribution, FedDPD's budget",
-                policy="baselines.oracle:OraclePolicy", reads={"feddpd": SCHEDULE + ("supplement_ratio",)},
+                policy="fedml_feddpd.baselines.oracle:OraclePolicy", reads={"feddpd": SCHEDULE + ("supplement_ratio",)},
                 privacy=HELD_OUT, backends=ALL_BACKENDS, check=_needs_oracle_data))
 register(Method("FedLC", "client-side logit calibration by local label counts (Zhang et al., ICML 2022)",
-                trainer="baselines.fedlc:FedLCTrainer", options={"fedlc_tau": float_key(0.0, default=1.0)},
+                trainer="fedml_feddpd.baselines.fedlc:FedLCTrainer", options={"fedlc_tau": float_key(0.0, default=1.0)},
                 backends=ALL_BACKENDS))
 register(Method("FedRS", "client-side restricted softmax for locally absent classes (Li & Zhan, KDD 2021)",
-                trainer="baselines.fedrs:FedRSTrainer", options={"fedrs_alpha": float_key(0.0, 1.0, default=0.5)},
+                trainer="fedml_feddpd.baselines.fedrs:FedRSTrainer", options={"fedrs_alpha": float_key(0.0, 1.0, default=0.5)},
                 backends=ALL_BACKENDS))
 register(Method("Balance@B", "Balance's flattening direction at FedDPD's budget B_k",
-                policy="baselines.balance:BalanceBudgetPolicy",
+                policy="fedml_feddpd.baselines.balance:BalanceBudgetPolicy",
                 reads={"feddpd": SCHEDULE + ("supplement_ratio",), "generator": ALL},
                 privacy=LABEL_COUNTS, backends=ALL_BACKENDS))
 register(Method("FedOpt", "FedML's FedOpt: server_optimizer on the pseudo-gradient w_global - avg(w_locals)",
-                api="baselines.fedml_sp:FedOpt",
+                api="fedml_feddpd.baselines.fedml_sp:FedOpt",
                 options={"server_optimizer": choice_key(("adam", "adagrad", "sgd"), "adam"),
                          "server_lr": float_key(0.0, default=0.01, low_open=True)},
                 resumable=False))  # server optimizer state (baselines/fedml_sp.py)
 register(Method("FedNova", "FedML's FedNova: normalized averaging of local updates",
-                api="baselines.fedml_sp:FedNova", api_args="dataset_first",
+                api="fedml_feddpd.baselines.fedml_sp:FedNova", api_args="dataset_first",
                 options={"gmf": float_key(0.0, 1.0, default=0.0, high_open=True),
                          "mu": float_key(0.0, default=0.0),
                          "momentum": float_key(0.0, 1.0, default=0.0, high_open=True),
                          "dampening": float_key(0.0, 1.0, default=0.0)},
                 resumable=lambda s: s["train_args"]["gmf"] == 0))  # server momentum when gmf > 0
 register(Method("SCAFFOLD", "FedML's SCAFFOLD: control variates correct client drift",
-                api="baselines.fedml_sp:SCAFFOLD", api_args="dataset_first",
+                api="fedml_feddpd.baselines.fedml_sp:SCAFFOLD", api_args="dataset_first",
                 options={"scaffold_server_lr": float_key(0.0, default=1.0, low_open=True)},
                 resumable=False))  # control variates

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from baselines import BalancePolicy, FedDiffPolicy, OraclePolicy
-from baselines.balance import flatten_counts
+from fedml_feddpd.baselines import BalancePolicy, FedDiffPolicy, OraclePolicy
+from fedml_feddpd.baselines.balance import flatten_counts
 from fedml_feddpd.supplement import ClientUpload, FedDPDSettings, StageTimer
 
 

@@ -10,8 +10,8 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from baselines.fedlc import FedLCTrainer, calibrated_loss, label_counts, local_labels
-from baselines.fedrs import FedRSTrainer, restricted_logits, restricted_loss
+from fedml_feddpd.baselines.fedlc import FedLCTrainer, calibrated_loss, label_counts, local_labels
+from fedml_feddpd.baselines.fedrs import FedRSTrainer, restricted_logits, restricted_loss
 from fedml_feddpd import methods
 
 
@@ -170,8 +170,8 @@ class RequestedGenerator:
 
 
 def test_balance_at_budget_totals_b_k_and_follows_the_flattening_direction():
-    from baselines import BalanceBudgetPolicy
-    from baselines.balance import budget_split, flatten_counts
+    from fedml_feddpd.baselines import BalanceBudgetPolicy
+    from fedml_feddpd.baselines.balance import budget_split, flatten_counts
     from fedml_feddpd.algorithm import client_budget
     from fedml_feddpd.supplement import ClientUpload, FedDPDSettings, StageTimer
 
@@ -201,7 +201,7 @@ def test_privacy_notes_and_registry_entries():
     assert methods.get("FedLC").options["fedlc_tau"].default == 1.0
     assert methods.get("FedRS").options["fedrs_alpha"].default == 0.5
     assert not methods.get("FedLC").supplement and methods.get("Balance@B").supplement
-    from baselines import BalanceBudgetPolicy
+    from fedml_feddpd.baselines import BalanceBudgetPolicy
 
     assert methods.get("Balance@B").policy_class() is BalanceBudgetPolicy
     assert "supplement_ratio" in methods.get("Balance@B").reads["feddpd"]

@@ -201,7 +201,7 @@ class FedDPDPolicy(SupplementPolicy):
 
     def _dpo_supplements(self, plans, pool_x, pool_y, gate, global_state, scorer, generator, timer):
         s, out = self.settings, {}
-        # Every client's adapter in one joint DPO run, every client's samples in shared batches (#14).
+        # Every client's adapter in one joint DPO run, every client's samples in shared batches.
         with timer("dpo"):
             jobs = {f"client_{up.client_id}": (pool_x[c], pool_x[r], pool_y[c], dpo_seed)
                     for up, _, _, _, c, r, dpo_seed, _ in plans.values() if len(c)}

@@ -92,7 +92,7 @@ def test_valid_config_fills_defaults(config_dict):
 
 
 def test_oversample_below_one_needs_the_pool_as_candidate(config_dict):
-    """#14: with candidates: union the pool fills what fewer adapter samples leave; with adapter alone it cannot."""
+    """with candidates: union the pool fills what fewer adapter samples leave; with adapter alone it cannot."""
     config_dict["train_args"]["federated_optimizer"] = "FedDPD"
     config_dict["feddpd"] = {"oversample": 0.5}
     assert validate(config_dict).sections["feddpd"]["oversample"] == 0.5  # candidates: union (default)

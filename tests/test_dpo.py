@@ -85,7 +85,7 @@ def test_training_changes_only_the_named_adapter(tmp_path):
 
 
 def test_adapters_trained_together_equal_each_trained_alone():
-    """#14: one routed UNet pass per step for every client's adapter gives each adapter the same per-step loss
+    """one routed UNet pass per step for every client's adapter gives each adapter the same per-step loss
     and the same final weights as training it alone on the same pairs and seed (float rounding only). Clients
     differ in pair counts (one has fewer pairs than the batch), so each keeps its own epochs and batch sizes."""
     settings = DPOSettings(max_steps=5, batch_size=4, learning_rate=3e-2, beta=50.0)
@@ -114,7 +114,7 @@ def test_adapters_trained_together_equal_each_trained_alone():
 
 
 def test_routed_pass_equals_each_row_through_its_own_adapter():
-    """#14: `routed` computes every adapter's LoRA update at once (gathered weights, grouped convolution): each row's
+    """`routed` computes every adapter's LoRA update at once (gathered weights, grouped convolution): each row's
     output and each adapter's gradient equal running the UNet with that adapter alone (BASE rows: the base), and
     a LoRA layer the batched path does not cover (here: dropout) still routes through PEFT's mixed batch."""
     from fedml_feddpd.generation.adapters import BASE, routed, set_trainable_adapters
@@ -188,7 +188,7 @@ def test_routed_gradients_are_the_same_from_run_to_run_on_two_threads():
 
 
 def test_sampling_many_adapters_in_shared_batches_equals_sampling_each_alone():
-    """#14: sample_jobs routes each job's rows through its own adapter (or the base) in shared UNet batches;
+    """sample_jobs routes each job's rows through its own adapter (or the base) in shared UNet batches;
     each job's images equal a lone `sample` with that adapter active and the job's seed."""
     from fedml_feddpd.generation import GeneratorConfig, sample_jobs
     from fedml_feddpd.generation.adapters import BASE

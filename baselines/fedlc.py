@@ -12,7 +12,8 @@ from fedml.ml.trainer.my_model_trainer_classification import ModelTrainerCLS
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from fedml_feddpd.trainer import client_optimizer, tensors_of
+from fedml_feddpd.local_training import client_optimizer
+from fedml_feddpd.trainer import tensors_of
 
 # A class the client does not hold counts as this many samples (the official code's convention,
 # label_distrib[c] = max(1e-8, n_c)): its logit drops by tau * 1e-8 ** -0.25 = 100 * tau, which all but

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedml_feddpd.algorithm import client_budget
 from fedml_feddpd.supplement import SupplementPolicy
 
 
@@ -24,7 +23,7 @@ class OraclePolicy(SupplementPolicy):
         rng = np.random.default_rng([self.seed, round_idx])
         out = {}
         for up in timer.each_client(uploads):
-            budget = client_budget(up.num_samples, self.settings.supplement_ratio)
+            budget = self.budget(up, round_idx)
             pick = rng.choice(len(self.labels), size=budget, replace=budget > len(self.labels))
             out[up.client_id] = self._supplement(self.images[pick], self.labels[pick], budget, None)
         return out

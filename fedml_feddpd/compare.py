@@ -158,12 +158,13 @@ def longest_first(runs: dict) -> dict:
 
 
 def _expected_cost(cfg: RunConfig) -> int:
-    """Rank of a run's expected wall time (docs/results/compare_digits_if10_eb53a08, IF 10, 1 thread: Balance and
-    Balance@B ~350 s, FedDPD with DPO ~190 s, every other method under 90 s)."""
+    """Rank of a run's expected wall time: Balance and Balance@B (a generator draw per client) first, then FedDPD
+    with DPO (adapter training and sampling), then every other method."""
     method, feddpd = cfg.sections["train_args"]["federated_optimizer"], cfg.sections["feddpd"]
     if method in ("Balance", "Balance@B"):
         return 2
-    return 1 if method == "FedDPD" and feddpd["dpo"] and feddpd["selection"] == "discrepancy" else 0
+    dpo = feddpd["dpo"] and feddpd["dpo_rounds"] > 0 and feddpd["selection"] != "random"
+    return 1 if method == "FedDPD" and dpo else 0
 
 
 def _run_one(cfg: RunConfig, out_dir: str) -> None:

@@ -16,8 +16,7 @@ from typing import Any
 import yaml
 
 from . import methods
-from .algorithm.discrepancy import DISCREPANCIES
-from .algorithm.settings import FedDPDSettings
+from .feddpd import DISCREPANCIES, GATES, PAIRINGS, SCHEDULES, SELECTIONS, FedDPDSettings
 from .errors import ConfigError
 from .datasets import DATASETS as CATALOG
 from .datasets import check_data_args
@@ -113,25 +112,38 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "output_dir": _str("runs"),
         "torch_threads": _int(0, 1),  # 0 = torch default
         "generator_threads": _int(0, 0),  # pretraining and sampling; 0 = all cores
+        # where the server step's generator work and scoring run: auto = the classifier's device (device_args);
+        # cuda with a CPU classifier suits a GPU shared by several runs at once (compare --workers)
+        "server_device": _choice(("auto", "cpu", "cuda"), "auto"),
         # also run this method on the same split afterwards and print both (none = off)
         "baseline": _choice(("none", "FedAvg", "FedProx"), "none"),
         # checkpoint into the run folder every N rounds (and after the last); 0 = never (no --resume)
         "checkpoint_every": _int(0, 1),
     },
     "feddpd": {
+        "schedule": _choice(SCHEDULES, _FEDDPD.schedule),
         "warmup_rounds": _int(0, _FEDDPD.warmup_rounds),
         "supplement_every": _int(1, _FEDDPD.supplement_every),
-        "pool_per_class": _int(1, _FEDDPD.pool_per_class),
-        "discrepancy": _choice(DISCREPANCIES, _FEDDPD.discrepancy),
-        "tau": _float(0.0, 1.0, default=_FEDDPD.tau),
         "supplement_ratio": _float(0.0, default=_FEDDPD.supplement_ratio),
+        "decay": _float(0.0, 1.0, default=_FEDDPD.decay, low_open=True),
+        "ratio_floor": _float(0.0, default=_FEDDPD.ratio_floor),
         "supplement_weight": _float(0.0, default=_FEDDPD.supplement_weight),
         "keep_previous": _float(0.0, 1.0, default=_FEDDPD.keep_previous, high_open=True),
-        "pair_quantile": _float(0.0, 0.5, default=_FEDDPD.pair_quantile, low_open=True),
-        "oversample": _float(0.0, default=_FEDDPD.oversample, low_open=True),
+        "delivery": _choice(("client", "server"), _FEDDPD.delivery),
+        "selection": _choice(SELECTIONS, _FEDDPD.selection),
+        "discrepancy": _choice(DISCREPANCIES, _FEDDPD.discrepancy),
+        "gate": _choice(GATES, _FEDDPD.gate),
+        "tau": Key(object, _FEDDPD.tau, "a number in [0, 1], or auto (1/C)",
+                   lambda v: v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1)),
+        "gate_epochs": _int(1, _FEDDPD.gate_epochs),
+        "bank_per_class": _int(1, _FEDDPD.bank_per_class),
+        "bank_refresh": _int(0, _FEDDPD.bank_refresh),
         "dpo": _bool(_FEDDPD.dpo),
-        "selection": _choice(("discrepancy", "random"), _FEDDPD.selection),
-        "candidates": _choice(("adapter", "union"), _FEDDPD.candidates),
+        "dpo_rounds": _int(0, _FEDDPD.dpo_rounds),
+        "pairs": _choice(PAIRINGS, _FEDDPD.pairs),
+        "pair_quantile": _float(0.0, 0.5, default=_FEDDPD.pair_quantile, low_open=True),
+        "disagreement_weight": _float(0.0, default=_FEDDPD.disagreement_weight),
+        "adapter_samples": _int(1, _FEDDPD.adapter_samples),
     },
 }
 

@@ -125,18 +125,19 @@ def server_step(party: Party, deliver: Callable, show_progress: bool):
     method, cfg, args, data = party.method, party.cfg, party.args, party.data
     if not method.supplement:
         return None, None
-    from .algorithm import FedDPDSettings
+    from .feddpd import FedDPDSettings
     from .generation import DPOSettings, GeneratorConfig, load_or_pretrain_generator
     from .supplement import GeneratorService, Scorer, ServerStep
 
     seed = int(args.random_seed)
-    device = party.device
+    device = server_device(cfg["server_device"], party.device)
     settings = FedDPDSettings(**cfg.sections["feddpd"])
     policy = method.policy_class()(settings, data, seed)
     service, info = None, None
+    # generator work (pretraining, sampling, DPO) and scoring the candidate bank, whose batches gain from threads
+    threads = cfg["generator_threads"] or os.cpu_count() or 1
     if method.uses_generator:
         gen_cfg = GeneratorConfig(**cfg.sections["generator"])
-        threads = cfg["generator_threads"] or os.cpu_count() or 1
         with torch_threads(threads):
             # pretrained with the public split's own seed: one cache entry serves every run seed
             generator = load_or_pretrain_generator(gen_cfg, *data.public, seed=int(args.public_seed),
@@ -145,7 +146,22 @@ def server_step(party: Party, deliver: Callable, show_progress: bool):
         service = GeneratorService(generator, DPOSettings(**cfg.sections["dpo_args"]), gen_cfg,
                                    threads=threads)
         info = {"source": generator.source, "path": generator.path, "seconds": generator.seconds}
-    return ServerStep(policy, Scorer(party.model, data.space, device), service, args.comm_round - 1, deliver), info
+    scorer = Scorer(party.model, data.space, device, train_args=args, threads=threads)
+    return ServerStep(policy, scorer, service, args.comm_round - 1, deliver), info
+
+
+def server_device(choice: str, classifier_device):
+    """run_args.server_device: where the generator and the bank's scoring run (auto: with the classifier)."""
+    import torch
+
+    from .errors import ConfigError
+
+    if choice == "auto":
+        return classifier_device
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run_args.server_device: expected auto or cpu on this machine (torch sees no CUDA device), "
+                          "got 'cuda'")
+    return torch.device(choice)
 
 
 class RoundRecorder:

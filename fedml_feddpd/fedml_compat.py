@@ -144,8 +144,8 @@ class RoundHooks:
 
     def _aggregate(self, w_locals):
         start = time.perf_counter()
-        uploads = None
-        if self._after_aggregation is not None:
+        step, uploads = self._after_aggregation, None
+        if step is not None:
             from .supplement import ClientUpload
 
             # What FedAvg already receives, nothing more: id, sample count, a private copy of the
@@ -155,10 +155,15 @@ class RoundHooks:
             params_of = getattr(self, "upload_params", lambda entry: entry[1])
             uploads = [ClientUpload(cid, entry[0], copy.deepcopy(params_of(entry)))
                        for cid, entry in zip(self.round_clients, w_locals)]
+            # feddpd.delivery: server trains each upload on its supplement before FedML averages them
+            before = getattr(step, "before_aggregation", None)
+            trained = before(self.round_idx, uploads, super()._aggregate) if before is not None else None
+            for i, cid in enumerate(self.round_clients):
+                if trained and cid in trained:
+                    w_locals[i] = (w_locals[i][0], trained[cid]) + tuple(w_locals[i][2:])
         w_global = super()._aggregate(w_locals)
         if uploads is not None:
-            self._after_aggregation(self.round_idx, getattr(self, "aggregated_params", lambda r: r)(w_global),
-                                    uploads)
+            step(self.round_idx, getattr(self, "aggregated_params", lambda r: r)(w_global), uploads)
         self.server_seconds += time.perf_counter() - start
         return w_global
 

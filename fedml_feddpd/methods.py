@@ -21,8 +21,9 @@ from .schema import Key, choice_key, float_key
 # Plugin sections a method may read; a method that does not read one ignores it (run identity).
 PLUGIN_SECTIONS = ("feddpd", "dpo_args", "generator")
 ALL = None  # in `reads`: every key of the section
-# The `feddpd:` keys the server step and the delivery of any supplement method read.
-SCHEDULE = ("warmup_rounds", "supplement_every", "supplement_weight", "keep_previous")
+# The `feddpd:` keys the server step and the delivery of any supplement method read (feddpd/schedule.py).
+SCHEDULE = ("schedule", "warmup_rounds", "supplement_every", "decay", "ratio_floor", "supplement_weight",
+            "keep_previous", "delivery")
 
 WITHIN = "within FedAvg's boundary: model parameters and sample counts only"
 LABEL_COUNTS = "breaks the boundary: the server uses each client's label counts"
@@ -123,20 +124,50 @@ def _needs_oracle_data(sections: dict) -> None:
                           "(0, 1), got 0")
 
 
-def _feddpd_check(sections: dict) -> None:
-    """oversample < 1 leaves fewer adapter samples than the budget: enough only when the pool is a candidate too."""
+def _schedule_check(sections: dict) -> None:
+    """Cross-key checks of the schedule every supplement method reads."""
     feddpd = sections["feddpd"]
-    if feddpd["candidates"] == "adapter" and feddpd["oversample"] < 1:
-        raise ConfigError(f"feddpd.oversample: expected a number >= 1 with candidates: adapter (the supplement is "
-                          f"picked from the adapter's samples alone), got {feddpd['oversample']!r}")
+    if feddpd["delivery"] == "server" and feddpd["keep_previous"] > 0:
+        raise ConfigError(f"feddpd.keep_previous: expected 0 with delivery: server (clients hold no supplement), "
+                          f"got {feddpd['keep_previous']!r}")
 
 
 def _feddpd_unread(sections: dict) -> dict:
-    """Without DPO (dpo: false, or selection: random) FedDPD trains no adapter (supplement.FedDPDPolicy)."""
+    """The keys a FedDPD config leaves unused: DPO's without adapters (dpo: false, dpo_rounds: 0, selection: random),
+    the older rule's with the loss gap, the gate's with random selection (supplement.FedDPDPolicy)."""
     feddpd = sections.get("feddpd") or {}
-    if feddpd.get("dpo", True) and feddpd.get("selection", "discrepancy") != "random":
-        return {}
-    return {"dpo_args": ALL, "feddpd": ("candidates", "oversample", "pair_quantile")}
+    unused: dict = {"feddpd": ()}
+    selection = feddpd.get("selection", "loss_gap")
+    if not feddpd.get("dpo", True) or selection == "random" or feddpd.get("dpo_rounds", 1) == 0:
+        unused = {"dpo_args": ALL, "feddpd": ("dpo_rounds", "pairs", "pair_quantile", "disagreement_weight",
+                                               "adapter_samples")}
+    elif feddpd.get("pairs", "median") == "median":
+        unused["feddpd"] += ("pair_quantile",)
+    else:
+        unused["feddpd"] += ("disagreement_weight",)
+    if selection != "discrepancy":
+        unused["feddpd"] += ("discrepancy",)
+    if selection == "random":
+        unused["feddpd"] += ("gate", "tau", "gate_epochs")
+    elif feddpd.get("gate", "public") != "public":
+        unused["feddpd"] += ("gate_epochs",)
+    return unused
+
+
+def _schedule_unread(sections: dict) -> dict:
+    """Under the periodic schedule the decay keys are unused; under the exponential one, supplement_every."""
+    periodic = (sections.get("feddpd") or {}).get("schedule", "exponential") == "periodic"
+    return {"feddpd": ("decay", "ratio_floor") if periodic else ("supplement_every",)}
+
+
+def _merge_unread(*parts) -> Callable[[dict], dict]:
+    def unread(sections: dict) -> dict:
+        out: dict = {}
+        for part in parts:
+            for section, keys in part(sections).items():
+                out[section] = ALL if ALL in (keys, out.get(section, ())) else tuple(out.get(section, ())) + keys
+        return out
+    return unread
 
 
 # --- the built-in methods ---------------------------------------------------------------------------
@@ -144,19 +175,21 @@ register(Method("FedAvg", "FedML's FedAvg", backends=ALL_BACKENDS))
 register(Method("FedProx", "FedML's FedProx (proximal term fedprox_mu)",
                 api="fedml.simulation.sp.fedprox.fedprox_trainer:FedProxTrainer", api_args="dataset_first",
                 options={"fedprox_mu": float_key(0.0, default=0.1)}))
-register(Method("FedDPD", "discrepancy-guided, Diffusion-DPO-adapted synthetic supplements",
-                policy="fedml_feddpd.supplement:FedDPDPolicy",
+register(Method("FedDPD", "loss-gap-selected synthetic supplements from a Diffusion-DPO-adapted generator",
+                policy="fedml_feddpd.feddpd.policy:FedDPDPolicy",
                 reads={"feddpd": ALL, "dpo_args": ALL, "generator": ALL}, backends=ALL_BACKENDS,
-                unread=_feddpd_unread, check=_feddpd_check))
+                unread=_merge_unread(_feddpd_unread, _schedule_unread), check=_schedule_check))
 register(Method("FedDiff", "one class-balanced synthetic set shared by every client",
                 policy="fedml_feddpd.baselines.feddiff:FedDiffPolicy",
-                reads={"feddpd": SCHEDULE + ("supplement_ratio",), "generator": ALL}, backends=ALL_BACKENDS))
+                reads={"feddpd": SCHEDULE + ("supplement_ratio",), "generator": ALL}, backends=ALL_BACKENDS,
+                unread=_schedule_unread, check=_schedule_check))
 register(Method("Balance", "synthetic samples that flatten each client's label histogram",
                 policy="fedml_feddpd.baselines.balance:BalancePolicy", reads={"feddpd": SCHEDULE, "generator": ALL},
-                privacy=LABEL_COUNTS, backends=ALL_BACKENDS))
+                privacy=LABEL_COUNTS, backends=ALL_BACKENDS, unread=_schedule_unread, check=_schedule_check))
 register(Method("Oracle", "real held-out samples from the global distribution, FedDPD's budget",
                 policy="fedml_feddpd.baselines.oracle:OraclePolicy", reads={"feddpd": SCHEDULE + ("supplement_ratio",)},
-                privacy=HELD_OUT, backends=ALL_BACKENDS, check=_needs_oracle_data))
+                privacy=HELD_OUT, backends=ALL_BACKENDS, unread=_schedule_unread,
+                check=lambda s: (_needs_oracle_data(s), _schedule_check(s))))
 register(Method("FedLC", "client-side logit calibration by local label counts (Zhang et al., ICML 2022)",
                 trainer="fedml_feddpd.baselines.fedlc:FedLCTrainer", options={"fedlc_tau": float_key(0.0, default=1.0)},
                 backends=ALL_BACKENDS))
@@ -166,7 +199,7 @@ register(Method("FedRS", "client-side restricted softmax for locally absent clas
 register(Method("Balance@B", "Balance's flattening direction at FedDPD's budget B_k",
                 policy="fedml_feddpd.baselines.balance:BalanceBudgetPolicy",
                 reads={"feddpd": SCHEDULE + ("supplement_ratio",), "generator": ALL},
-                privacy=LABEL_COUNTS, backends=ALL_BACKENDS))
+                privacy=LABEL_COUNTS, backends=ALL_BACKENDS, unread=_schedule_unread, check=_schedule_check))
 register(Method("FedOpt", "FedML's FedOpt: server_optimizer on the pseudo-gradient w_global - avg(w_locals)",
                 api="fedml_feddpd.baselines.fedml_sp:FedOpt",
                 options={"server_optimizer": choice_key(("adam", "adagrad", "sgd"), "adam"),

@@ -16,9 +16,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .algorithm import (FedDPDSettings, allocate_classes, build_pairs, client_budget, discrepancy,
-                        quality_gate, select_top)
 from .errors import PrivacyBoundaryError
+from .feddpd import FedDPDSettings, client_budget
+from .scorer import Scorer
 from .threads import torch_threads
 
 
@@ -40,22 +40,6 @@ class Supplement:
     @property
     def nbytes(self) -> int:
         return self.images.element_size() * self.images.numel() + self.labels.element_size() * self.labels.numel()
-
-
-class Scorer:
-    """Class probabilities of candidates (generator space, data.spaces) under the global model and a
-    client's uploaded model, on `device`."""
-
-    def __init__(self, model: torch.nn.Module, space=None, device="cpu"):
-        self.model = copy.deepcopy(model).to(device).eval()
-        self.space, self.device = space, torch.device(device)
-
-    @torch.no_grad()
-    def probs(self, state_dict: dict, images: torch.Tensor) -> np.ndarray:
-        self.model.load_state_dict(state_dict)
-        x = images.to(self.device)
-        x = self.space.to_model(x) if self.space is not None else x
-        return torch.softmax(self.model(x), dim=1).cpu().numpy()
 
 
 class GeneratorService:
@@ -137,10 +121,15 @@ class SupplementPolicy:
     the config, its privacy note and its backends are in its methods.REGISTRY entry.
 
     `data` is the server's view of the run (data.FederatedData): a policy within FedAvg's boundary reads
-    only `data.class_num`; Balance and Oracle read more, and their registry entries say so."""
+    only `data.class_num` and the server's own public split (`data.public`); Balance and Oracle read more, and
+    their registry entries say so."""
 
     def __init__(self, settings: FedDPDSettings, data, seed: int):
         self.settings, self.num_classes, self.seed = settings, data.class_num, seed
+
+    def budget(self, upload: "ClientUpload", round_idx: int) -> int:
+        """B_k = round(rho_t * n_k): the schedule's ratio at this round times the client's sample count."""
+        return client_budget(upload.num_samples, self.settings.ratio(round_idx))
 
     def build_supplements(self, round_idx: int, global_state: dict, uploads: list[ClientUpload],
                           scorer: Scorer, generator: GeneratorService, timer: "StageTimer") -> dict[int, Supplement]:
@@ -164,69 +153,6 @@ class SupplementPolicy:
         return Supplement(x, y, {"budget": int(budget), "size": int(len(y)),
                                  "allocation": None if counts is None else [int(c) for c in counts],
                                  "classes": np.bincount(y.numpy(), minlength=self.num_classes).tolist()})
-
-
-class FedDPDPolicy(SupplementPolicy):
-    """Discrepancy-guided, DPO-adapted supplements (docs/DESIGN.md, "The server step", steps 1-6)."""
-
-    def build_supplements(self, round_idx, global_state, uploads, scorer, generator, timer):
-        s = self.settings
-        rng = np.random.default_rng([self.seed, round_idx])
-        with timer("pool"):
-            pool_x, pool_y = generator.sample([s.pool_per_class] * self.num_classes,
-                                              seed=int(rng.integers(2**31)))
-        with timer("scoring"):
-            p_global = scorer.probs(global_state, pool_x)
-            gate = quality_gate(p_global, pool_y.numpy(), s.tau)
-        out, plans = {}, {}
-        for up in timer.each_client(uploads):
-            budget = client_budget(up.num_samples, s.supplement_ratio)
-            if s.selection == "random":
-                pick = rng.choice(len(pool_y), size=min(budget, len(pool_y)), replace=False)
-                out[up.client_id] = self._supplement(pool_x[pick], pool_y[pick], budget, None)
-                continue
-            with timer("scoring"):
-                d = discrepancy(p_global, scorer.probs(up.state_dict, pool_x), pool_y.numpy(), s.discrepancy)
-                counts = allocate_classes(d, pool_y.numpy(), gate, budget, self.num_classes)
-            if not s.dpo or counts.sum() == 0:
-                pick = select_top(d, pool_y.numpy(), gate, counts)
-                out[up.client_id] = self._supplement(pool_x[pick], pool_y[pick], budget, counts)
-                continue
-            chosen, rejected = build_pairs(d, pool_y.numpy(), gate, np.flatnonzero(counts), s.pair_quantile, rng)
-            plans[up.client_id] = (up, d, budget, counts, chosen, rejected, int(rng.integers(2**31)),
-                                   int(rng.integers(2**31)))
-        if plans:
-            out.update(self._dpo_supplements(plans, pool_x, pool_y, gate, global_state, scorer, generator, timer))
-        return {up.client_id: out[up.client_id] for up in uploads}  # in upload order, as the uploads came
-
-    def _dpo_supplements(self, plans, pool_x, pool_y, gate, global_state, scorer, generator, timer):
-        s, out = self.settings, {}
-        # Every client's adapter in one joint DPO run, every client's samples in shared batches.
-        with timer("dpo"):
-            jobs = {f"client_{up.client_id}": (pool_x[c], pool_x[r], pool_y[c], dpo_seed)
-                    for up, _, _, _, c, r, dpo_seed, _ in plans.values() if len(c)}
-            dpo_stats = generator.train_adapters(jobs) if jobs else {}
-        with timer("generation"):
-            drawn = generator.sample_many({
-                up.client_id: (np.ceil(counts * s.oversample).astype(int), gen_seed,
-                               f"client_{up.client_id}" if f"client_{up.client_id}" in dpo_stats else None)
-                for up, _, _, counts, _, _, _, gen_seed in plans.values()})
-        for up, d, budget, counts, chosen, _, _, _ in plans.values():
-            gen_x, gen_y = drawn[up.client_id]
-            with timer("scoring"):
-                p_g = scorer.probs(global_state, gen_x)
-                d_gen = discrepancy(p_g, scorer.probs(up.state_dict, gen_x), gen_y.numpy(), s.discrepancy)
-                gate_gen = quality_gate(p_g, gen_y.numpy(), s.tau)
-                if s.candidates == "union":  # pool first, then the adapter's samples: a superset of the pool's choice
-                    gen_x, gen_y = torch.cat([pool_x, gen_x]), torch.cat([pool_y, gen_y])
-                    d_gen, gate_gen = np.concatenate([d, d_gen]), np.concatenate([gate, gate_gen])
-                pick = select_top(d_gen, gen_y.numpy(), gate_gen, counts)
-            sup = self._supplement(gen_x[pick], gen_y[pick], budget, counts)
-            stats = dpo_stats.get(f"client_{up.client_id}") or {}
-            sup.stats.update(dpo_pairs=int(len(chosen)),
-                             dpo={k: v for k, v in stats.items() if isinstance(v, (int, float))})
-            out[up.client_id] = sup
-        return out
 
 
 def with_kept(new: Supplement, previous: Supplement, share: float, rng: np.random.Generator) -> Supplement:
@@ -286,7 +212,8 @@ def check_boundary(uploads, model_shapes: dict) -> None:
 
 
 class ServerStep:
-    """Runs the policy after aggregation on the rounds the settings name and delivers supplements."""
+    """Runs the policy on the rounds the schedule names: after aggregation, delivering each supplement to its client
+    (delivery: client), or before it, training each upload on its supplement (delivery: server)."""
 
     def __init__(self, policy: SupplementPolicy, scorer: Scorer, generator: GeneratorService, last_round: int,
                  deliver: Callable[[int, Supplement], None]):
@@ -297,22 +224,56 @@ class ServerStep:
         self.delivered: dict[int, Supplement] = {}  # what each client holds now (checkpoints restore it)
         self.status: Optional[Callable[[str], None]] = None  # the runner points this at its progress bar
 
-    def __call__(self, round_idx: int, global_state: dict, uploads: list[ClientUpload]) -> None:
-        if not self.policy.settings.due(round_idx, self.last_round):
-            return
+    @property
+    def on_server(self) -> bool:
+        """feddpd.delivery: server: supplements are trained on by the server, before aggregation."""
+        return self.policy.settings.delivery == "server"
+
+    def _build(self, round_idx: int, global_state: dict, uploads: list[ClientUpload], timer) -> dict:
         check_boundary(uploads, self._shapes)
+        return self.policy.build_supplements(round_idx, global_state, uploads, self.scorer, self.generator, timer)
+
+    def before_aggregation(self, round_idx: int, uploads: list[ClientUpload],
+                           average: Callable[[list], dict]) -> Optional[dict[int, dict]]:
+        """delivery: server, at a due round: each client's upload trained by the server on its supplement, as
+        {client id: state dict} to aggregate instead of the upload; None otherwise. The round's global model that
+        selection compares each upload with is the FedAvg average of the uploads as they came (`average` of
+        [(n, state)]); clients train and download exactly as under FedAvg."""
+        if not self.on_server or not self.policy.settings.due(round_idx, self.last_round):
+            return None
+        provisional = average([(up.num_samples, copy.deepcopy(up.state_dict)) for up in uploads])
         timer = StageTimer(self.status)
-        supplements = self.policy.build_supplements(round_idx, global_state, uploads, self.scorer,
-                                                    self.generator, timer)
+        supplements = self._build(round_idx, provisional, uploads, timer)
+        weight, trained = self.policy.settings.supplement_weight, {}
+        by_id = {up.client_id: up for up in uploads}
+        with timer("server_training"):
+            for cid, sup in supplements.items():
+                if len(sup.labels):
+                    seed = int(np.random.default_rng([self.policy.seed, round_idx, cid]).integers(2**31))
+                    trained[cid] = self.scorer.fit(by_id[cid].state_dict, sup.images, sup.labels, weight, seed)
+        self._log(round_idx, timer, supplements, sent=False)
+        return trained
+
+    def __call__(self, round_idx: int, global_state: dict, uploads: list[ClientUpload]) -> None:
+        """delivery: client: after aggregation, each client's supplement goes to it for its next round."""
+        if self.on_server or not self.policy.settings.due(round_idx, self.last_round):
+            return
+        timer = StageTimer(self.status)
+        supplements = self._build(round_idx, global_state, uploads, timer)
         keep = self.policy.settings.keep_previous
         for cid, sup in list(supplements.items()):
             if keep and cid in self.delivered:  # part of the previous supplement stays (damps the switch)
                 rng = np.random.default_rng([self.policy.seed, round_idx, cid])
                 supplements[cid] = sup = with_kept(sup, self.delivered[cid], keep, rng)
             self.deliver_supplement(cid, sup)
+        self._log(round_idx, timer, supplements, sent=True)
+
+    def _log(self, round_idx: int, timer, supplements: dict, sent: bool) -> None:
+        """Per round: stage seconds, and per client its supplement's figures and the bytes it sent that client."""
         self.log[round_idx] = {
             "server_stage_seconds": timer.seconds,
-            "supplements": {str(cid): {**sup.stats, "bytes": sup.nbytes} for cid, sup in supplements.items()},
+            "supplements": {str(cid): {**sup.stats, "bytes": sup.nbytes, "sent_bytes": sup.nbytes if sent else 0}
+                            for cid, sup in supplements.items()},
         }
 
     def deliver_supplement(self, cid: int, supplement: Supplement) -> None:

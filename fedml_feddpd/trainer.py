@@ -7,17 +7,9 @@ from __future__ import annotations
 
 import torch
 from fedml.ml.trainer.my_model_trainer_classification import ModelTrainerCLS
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-
-def client_optimizer(model: torch.nn.Module, args):
-    """FedML's choice of client optimizer (ModelTrainerCLS.train, ml/trainer/my_model_trainer_classification.py:27-39):
-    SGD, or Adam with amsgrad; every client trainer of ours uses it."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if args.client_optimizer == "sgd":
-        return torch.optim.SGD(params, lr=args.learning_rate)
-    return torch.optim.Adam(params, lr=args.learning_rate, weight_decay=args.weight_decay, amsgrad=True)
+from .local_training import train_weighted
 
 
 class SupplementedTrainer(ModelTrainerCLS):
@@ -25,18 +17,7 @@ class SupplementedTrainer(ModelTrainerCLS):
     loss weight; FedML's loop only unpacks (x, y). Optimizer choice is FedML's."""
 
     def train(self, train_data, device, args):
-        model = self.model.to(device)
-        model.train()
-        optimizer = client_optimizer(model, args)
-        for _ in range(args.epochs):
-            for batch in train_data:
-                x, y = batch[0].to(device), batch[1].to(device).long()
-                model.zero_grad()
-                loss = F.cross_entropy(model(x), y, reduction="none")
-                if len(batch) > 2:
-                    loss = loss * batch[2].to(device)
-                loss.mean().backward()
-                optimizer.step()
+        train_weighted(self.model, train_data, device, args, args.epochs)
 
 
 def tensors_of(batches) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedml_feddpd.baselines import BalancePolicy, FedDiffPolicy, OraclePolicy
+from fedml_feddpd.baselines import BalanceBudgetPolicy, BalancePolicy, FedDiffPolicy, OraclePolicy
 from fedml_feddpd.baselines.balance import flatten_counts
 from fedml_feddpd.supplement import ClientUpload, FedDPDSettings, StageTimer
 
@@ -46,7 +46,7 @@ def test_balance_flattens_a_skewed_histogram():
 
 def test_feddiff_is_class_balanced_and_identical_across_clients():
     gen = CountingGenerator()
-    policy = FedDiffPolicy(FedDPDSettings(supplement_ratio=0.5), server_data(10), 0)
+    policy = FedDiffPolicy(FedDPDSettings(schedule="periodic", supplement_ratio=0.5), server_data(10), 0)
     first = policy.build_supplements(0, {}, uploads([40, 20, 60]), None, gen, StageTimer())
     assert len(first[0].labels) == round(np.mean([20, 10, 30]))  # mean FedDPD budget
     counts = np.bincount(first[0].labels.numpy(), minlength=10)
@@ -54,6 +54,28 @@ def test_feddiff_is_class_balanced_and_identical_across_clients():
     assert all(torch.equal(first[c].images, first[0].images) for c in (1, 2))
     again = policy.build_supplements(5, {}, uploads([40, 20, 60]), None, gen, StageTimer())
     assert gen.calls == 1 and torch.equal(again[2].images, first[0].images)  # one set, generated once
+
+
+def test_under_the_exponential_schedule_baselines_draw_once_and_send_a_shrinking_part():
+    settings = FedDPDSettings(schedule="exponential", warmup_rounds=0, supplement_ratio=0.5, decay=0.5)
+    gen = CountingGenerator()
+    feddiff = FedDiffPolicy(settings, server_data(10), 0)
+    first = feddiff.build_supplements(0, {}, uploads([40, 20, 60]), None, gen, StageTimer())[0]
+    later = feddiff.build_supplements(2, {}, uploads([40, 20, 60]), None, gen, StageTimer())[1]
+    assert gen.calls == 1 and len(first.labels) == 20 and len(later.labels) == 5  # 20 * 0.5 ** 2
+    assert np.bincount(later.labels.numpy(), minlength=10).max() == 1  # still one class each
+    assert all(any(torch.equal(x, y) for y in first.images) for x in later.images)
+    hist = np.array([[30, 5, 0, 10]])
+    gen = CountingGenerator()
+    balance = BalanceBudgetPolicy(settings, server_data(4, histograms=hist), 0)
+    a = balance.build_supplements(0, {}, uploads([40]), None, gen, StageTimer())[0]
+    b = balance.build_supplements(1, {}, uploads([40]), None, gen, StageTimer())[0]
+    assert gen.calls == 1 and len(a.labels) == 20 and len(b.labels) == 10
+    assert (b.images == 1.0).all()  # cut from the first draw
+    restored = BalanceBudgetPolicy(settings, server_data(4, histograms=hist), 0)
+    restored.load_state_dict(balance.state_dict())
+    c = restored.build_supplements(2, {}, uploads([40]), None, gen, StageTimer())[0]
+    assert gen.calls == 1 and len(c.labels) == 5
 
 
 def test_oracle_draws_only_held_out_real_data_with_feddpd_budget():

@@ -23,10 +23,14 @@ BAD_INPUTS = [
     ("model_args", "model", "resnet56", "model_args.model: 'resnet56' does not fit dataset 'digits'"),
     ("data_args", "public_fraction", 1.5, "data_args.public_fraction: expected a number in (0, 1), got 1.5"),
     ("feddpd", "supplement_ratio", -0.1, "feddpd.supplement_ratio: expected a number in [0, inf), got -0.1"),
-    ("feddpd", "tau", 1.5, "feddpd.tau: expected a number in [0, 1], got 1.5"),
-    ("feddpd", "tau", -0.2, "feddpd.tau: expected a number in [0, 1], got -0.2"),
+    ("feddpd", "tau", 1.5, "feddpd.tau: expected a number in [0, 1], or auto (1/C), got 1.5"),
+    ("feddpd", "tau", -0.2, "feddpd.tau: expected a number in [0, 1], or auto (1/C), got -0.2"),
     ("feddpd", "keep_previous", 1.0, "feddpd.keep_previous: expected a number in [0, 1), got 1.0"),
-    ("feddpd", "oversample", 0.0, "feddpd.oversample: expected a number in (0, inf), got 0.0"),
+    ("feddpd", "decay", 0.0, "feddpd.decay: expected a number in (0, 1], got 0.0"),
+    ("feddpd", "tau", "half", "feddpd.tau: expected a number in [0, 1], or auto (1/C), got 'half'"),
+    ("feddpd", "schedule", "weekly", "feddpd.schedule: expected one of exponential, periodic, got 'weekly'"),
+    ("feddpd", "selection", "kl", "feddpd.selection: expected one of loss_gap, discrepancy, random, got 'kl'"),
+    ("feddpd", "delivery", "mail", "feddpd.delivery: expected one of client, server, got 'mail'"),
     ("dpo_args", "loss_type", "kto", "dpo_args.loss_type: expected one of sigmoid, hinge, ipo, got 'kto'"),
     ("run_args", "checkpoint_every", -1, "run_args.checkpoint_every: expected an integer >= 0, got -1"),
 ]
@@ -91,15 +95,14 @@ def test_valid_config_fills_defaults(config_dict):
     assert isinstance(cfg["imbalance_factor"], float)
 
 
-def test_oversample_below_one_needs_the_pool_as_candidate(config_dict):
-    """with candidates: union the pool fills what fewer adapter samples leave; with adapter alone it cannot."""
+def test_server_delivery_keeps_no_previous_supplement(config_dict):
+    """Under delivery: server a client holds no supplement, so none of it can be kept."""
     config_dict["train_args"]["federated_optimizer"] = "FedDPD"
-    config_dict["feddpd"] = {"oversample": 0.5}
-    assert validate(config_dict).sections["feddpd"]["oversample"] == 0.5  # candidates: union (default)
-    config_dict["feddpd"]["candidates"] = "adapter"
-    with pytest.raises(ConfigError, match=r"^feddpd.oversample: expected a number >= 1 with candidates: adapter .*"
-                                          r"got 0.5$"):
+    config_dict["feddpd"] = {"delivery": "server", "keep_previous": 0.5}
+    with pytest.raises(ConfigError, match=r"^feddpd.keep_previous: expected 0 with delivery: server .*got 0.5$"):
         validate(config_dict)
+    config_dict["feddpd"]["keep_previous"] = 0.0
+    assert validate(config_dict).sections["feddpd"]["delivery"] == "server"
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path, config_dict, capsys):

@@ -93,7 +93,7 @@ def tiny_config(config_dict, tmp_path, dataset, model, method="FedDPD", **data_a
     raw["model_args"]["model"] = model
     raw["train_args"].update(federated_optimizer=method, comm_round=3, epochs=1, client_num_in_total=3,
                              client_num_per_round=3, batch_size=8)
-    raw["feddpd"] = {"warmup_rounds": 0, "supplement_every": 1, "pool_per_class": 2}
+    raw["feddpd"] = {"warmup_rounds": 0, "supplement_every": 1, "bank_per_class": 2}
     raw["generator"] = {**TINY_GENERATOR, "cache_dir": str(tmp_path / "gen")}
     raw["dpo_args"] = {"max_steps": 1, "batch_size": 4}
     raw["run_args"] = {"output_dir": str(tmp_path / "runs")}

@@ -1,83 +1,159 @@
-"""FedDPD's DPO options: candidates: union (the adapter can only add) and dpo_args.warm_start."""
+"""FedDPD's policy with a scorer and a generator the test controls: the bank, the gates, DPO's rounds and pairs;
+and dpo_args.warm_start and the generator threads of the DPO step."""
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 
-from fedml_feddpd.algorithm import FedDPDSettings, discrepancy, quality_gate, select_top
-from fedml_feddpd.supplement import ClientUpload, FedDPDPolicy, StageTimer
+from fedml_feddpd.feddpd import FedDPDSettings
+from fedml_feddpd.feddpd.policy import FedDPDPolicy
+from fedml_feddpd.supplement import ClientUpload, StageTimer
+
+C = 3
 
 
 class LinearScorer:
-    """probs = softmax(x_flat @ state['w']): a model the test controls."""
+    """probs = softmax(x_flat @ state['w']); `fit` returns a state the test chose (the public classifier)."""
+
+    def __init__(self, fitted=None):
+        self.fitted, self.initial_state, self.fits = fitted, {"w": torch.zeros(16, C)}, 0
 
     def probs(self, state, images):
         return torch.softmax(images.reshape(len(images), -1) @ state["w"], dim=1).numpy()
 
+    def fit(self, state, images, labels, weight, seed, epochs=None):
+        self.fits += 1
+        return self.fitted
+
 
 class FakeGenerator:
-    """Random images per class; adapter samples are random too (their scores decide, not their origin)."""
+    """Class c's images hold the value c + 1 in pixel c (noise elsewhere); an adapter's samples are marked 9."""
 
     def __init__(self):
-        self.adapters = []
+        self.trained, self.sampled_with = [], []
 
-    def sample(self, class_counts, seed, adapter=None):
+    def _images(self, class_counts, seed, mark=0.0):
         g = torch.Generator().manual_seed(seed)
         labels = torch.cat([torch.full((int(n),), c) for c, n in enumerate(class_counts)]).long()
-        return torch.rand(len(labels), 1, 4, 4, generator=g), labels
+        x = torch.rand(len(labels), 1, 4, 4, generator=g) * 0.1
+        x.view(len(labels), -1)[torch.arange(len(labels)), labels] = labels.float() + 1
+        x.view(len(labels), -1)[:, -1] = mark
+        return x, labels
 
-    def train_adapter(self, name, chosen, rejected, labels, seed):
-        self.adapters.append(name)
-        return {"loss": 0.5}
-
-    def sample_many(self, jobs):
-        return {k: self.sample(counts, seed, adapter) for k, (counts, seed, adapter) in jobs.items()}
+    def sample(self, class_counts, seed, adapter=None):
+        return self._images(class_counts, seed)
 
     def train_adapters(self, jobs):
-        return {name: self.train_adapter(name, *job) for name, job in jobs.items()}
+        self.trained.append({name: len(job[0]) for name, job in jobs.items()})
+        return {name: {"loss_final": 0.5} for name in jobs}
+
+    def sample_many(self, jobs):
+        self.sampled_with.append({k: adapter for k, (_, _, adapter) in jobs.items()})
+        return {k: self._images(counts, seed, mark=9.0) for k, (counts, seed, adapter) in jobs.items()}
 
 
 class Data:
-    class_num = 3
+    class_num = C
+    public = (torch.zeros(6, 1, 4, 4), torch.tensor([0, 0, 1, 1, 2, 2]))
 
 
-def _run(candidates, seed):
-    settings = FedDPDSettings(tau=0.0, pool_per_class=12, supplement_ratio=1.0, oversample=1.0, candidates=candidates)
-    policy = FedDPDPolicy(settings, Data(), seed)
-    g = torch.Generator().manual_seed(seed)
-    global_state, local_state = {"w": torch.randn(16, 3, generator=g) * 3}, {"w": torch.randn(16, 3, generator=g) * 3}
-    uploads = [ClientUpload(0, 12, local_state)]
-    sup = policy.build_supplements(0, global_state, uploads, LinearScorer(), FakeGenerator(), StageTimer())[0]
+def knows(classes, sure=8.0):
+    """A state whose model recognises exactly `classes` (pixel c -> logit c), and predicts class 0 otherwise."""
+    w = torch.zeros(16, C)
+    for c in classes:
+        w[c, c] = sure
+    return {"w": w}
+
+
+def only(c: int) -> dict:
+    """A client that saw class c alone: it predicts c for every image, confidently."""
+    w = torch.zeros(16, C)
+    w[:, c] = 8.0
+    return {"w": w}
+
+
+def policy(**settings):
+    base = dict(warmup_rounds=0, supplement_ratio=1.0, bank_per_class=8, decay=1.0, adapter_samples=6)
+    return FedDPDPolicy(FedDPDSettings(**{**base, **settings}), Data(), seed=0)
+
+
+def test_loss_gap_supplies_what_the_client_lacks_and_the_public_gate_admits_the_tail():
+    """The global model never predicts class 2 (a steep tail); the server's public classifier does. A client that
+    saw only class 0 gets classes 1 and 2 through the public gate, and only class 1 through the global gate."""
+    upload = ClientUpload(0, 12, only(0))
+    global_state = knows([0, 1])
+    public = policy(gate="public", dpo=False)
+    scorer = LinearScorer(fitted=knows([0, 1, 2]))
+    sup = public.build_supplements(0, global_state, [upload], scorer, FakeGenerator(), StageTimer())[0]
+    assert sup.stats["classes"][0] == 0 and sup.stats["classes"][1] > 0 and sup.stats["classes"][2] > 0
+    assert scorer.fits == 1  # trained once, then kept
+    public.build_supplements(1, global_state, [upload], scorer, FakeGenerator(), StageTimer())
+    assert scorer.fits == 1
+    glob = policy(gate="global", dpo=False)
+    sup = glob.build_supplements(0, global_state, [upload], LinearScorer(), FakeGenerator(), StageTimer())[0]
+    assert sup.stats["classes"][0] == sup.stats["classes"][2] == 0 and sup.stats["classes"][1] == 8  # all there is
+
+
+def test_dpo_runs_in_the_first_rounds_only_and_its_samples_keep_serving():
+    gen, scorer = FakeGenerator(), LinearScorer(fitted=knows([0, 1, 2]))
+    p = policy(dpo_rounds=1)
+    uploads = [ClientUpload(0, 12, only(0)), ClientUpload(1, 12, knows([0, 1, 2], sure=12.0))]
+    global_state = knows([0, 1, 2], sure=4.0)
+    first = p.build_supplements(0, global_state, uploads, scorer, gen, StageTimer())
+    assert list(gen.trained[0]) == ["client_0"]  # client 1 lacks nothing: no positive gap, no pairs
+    assert gen.sampled_with[0] == {0: "client_0"}
+    assert first[0].stats["dpo_pairs"] > 0 and "dpo_pairs" not in first[1].stats
+    x, y, source = p.bank.candidates()
+    assert (source == 0).sum() == 6 and (x[source == 0].reshape(6, -1)[:, -1] == 9.0).all()
+    second = p.build_supplements(1, global_state, uploads, scorer, gen, StageTimer())
+    assert len(gen.trained) == 1  # no DPO after dpo_rounds
+    assert len(p.bank) == C * 8 + 6  # the adapter's samples stay in the bank
+    assert second[0].stats["size"] == 12 and "dpo_pairs" not in second[0].stats
+
+
+def test_median_pairs_prefer_samples_hard_for_the_client_and_easy_for_the_global_model():
+    gen = FakeGenerator()
+    p = policy(dpo_rounds=1, gate="global")
+    captured = {}
+
+    def train_adapters(jobs):
+        captured.update(jobs)
+        return {name: {} for name in jobs}
+
+    gen.train_adapters = train_adapters
+    client, global_state = only(0), knows([0, 1, 2])
+    p.build_supplements(0, global_state, [ClientUpload(0, 12, client)], LinearScorer(), gen, StageTimer())
+    chosen, rejected, labels, _ = captured["client_0"]
     scorer = LinearScorer()
-    d = discrepancy(scorer.probs(global_state, sup.images), scorer.probs(local_state, sup.images),
-                    sup.labels.numpy(), settings.discrepancy)
-    return sup, d, policy, global_state, local_state, settings
+    from fedml_feddpd.feddpd import dpo_reward
+
+    r_chosen = dpo_reward(scorer.probs(client, chosen), scorer.probs(global_state, chosen), labels.numpy(), 1.0)
+    r_rejected = dpo_reward(scorer.probs(client, rejected), scorer.probs(global_state, rejected), labels.numpy(), 1.0)
+    assert len(chosen) == len(rejected) > 0
+    for c in labels.unique().tolist():
+        mine = (labels == c).numpy()
+        assert r_chosen[mine].min() > r_rejected[mine].max()
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_union_never_scores_below_the_best_pool_only_choice(seed):
-    sup, d, _, global_state, local_state, settings = _run("union", seed)
-    # the best pool-only choice of the same counts, on the same pool (the policy's first draw)
-    rng = np.random.default_rng([seed, 0])
-    pool_x, pool_y = FakeGenerator().sample([settings.pool_per_class] * 3, seed=int(rng.integers(2**31)))
-    scorer = LinearScorer()
-    p_g = scorer.probs(global_state, pool_x)
-    d_pool = discrepancy(p_g, scorer.probs(local_state, pool_x), pool_y.numpy(), settings.discrepancy)
-    counts = np.asarray(sup.stats["allocation"])
-    pick = select_top(d_pool, pool_y.numpy(), quality_gate(p_g, pool_y.numpy(), settings.tau), counts)
-    for c in range(3):
-        assert d[sup.labels.numpy() == c].sum() >= d_pool[pick][pool_y.numpy()[pick] == c].sum() - 1e-9
+def test_random_selection_and_a_zero_budget():
+    p = policy(selection="random")
+    sup = p.build_supplements(0, knows([0]), [ClientUpload(0, 10, only(0)), ClientUpload(1, 0, only(0))],
+                              LinearScorer(), FakeGenerator(), StageTimer())
+    assert sup[0].stats["size"] == 10 and sup[1].stats["size"] == 0
 
 
-def test_adapter_only_can_fall_below_the_pool_choice_union_cannot():
-    worse = 0
-    for seed in range(12):
-        a, d_a = _run("adapter", seed)[:2]
-        u, d_u = _run("union", seed)[:2]
-        assert d_u.sum() >= d_a.sum() - 1e-9  # the union also contains the adapter's candidates
-        worse += d_u.sum() > d_a.sum() + 1e-9
-    assert worse > 0, "the union never beat adapter-only picks: the test cannot tell them apart"
+def test_the_policy_state_restores_the_bank_and_the_public_classifier():
+    gen, scorer = FakeGenerator(), LinearScorer(fitted=knows([0, 1, 2]))
+    uploads = [ClientUpload(0, 12, only(0))]
+    a = policy()
+    a.build_supplements(0, knows([0, 1]), uploads, scorer, gen, StageTimer())
+    b = policy()
+    b.load_state_dict(a.state_dict())
+    sa = a.build_supplements(1, knows([0, 1]), uploads, scorer, gen, StageTimer())[0]
+    sb = b.build_supplements(1, knows([0, 1]), uploads, LinearScorer(), gen, StageTimer())[0]
+    assert torch.equal(sa.images, sb.images) and torch.equal(sa.labels, sb.labels)
+    with pytest.raises(ValueError, match="expected \\['bank', 'gate_state'\\]"):
+        b.load_state_dict({})
 
 
 def test_warm_start_continues_from_the_saved_adapter(monkeypatch):

@@ -19,7 +19,7 @@ def experiment(tmp_path_factory):
 
     raw = shrink(yaml.safe_load(open(os.path.join(ROOT, "configs", "digits_feddpd.yaml"))))
     raw["train_args"].update(client_num_per_round=2)
-    raw["feddpd"].update(warmup_rounds=0, supplement_every=1, tau=0.0, pool_per_class=8, supplement_ratio=0.5)
+    raw["feddpd"].update(warmup_rounds=0, supplement_every=1, tau=0.0, bank_per_class=8, supplement_ratio=0.5)
     raw["generator"].update(pretrain_steps=20, sample_steps=5, cache_dir=str(tmp_path_factory.mktemp("gen")))
     raw["dpo_args"].update(max_steps=2, batch_size=4)
     return prepare(validate(raw, "feddpd-test.yaml"), show_progress=False)
@@ -145,8 +145,11 @@ def test_anything_but_parameters_is_refused_at_the_boundary(experiment, traced):
     with pytest.raises(PrivacyBoundaryError, match="received a dict"):
         step(0, state, [{"client_id": 0, "num_samples": 10, "state_dict": state, "histogram": [1, 2]}])
     assert step.delivered == before
-    # what the policies keep: settings and seeds, never client data (Balance/Oracle are the marked exceptions)
-    assert set(vars(step.policy)) == {"settings", "num_classes", "seed"}
+    # what the policy keeps: settings, seeds, its bank of generated samples, its own classifier and the server's own
+    # public split; never client data (Balance/Oracle are the marked exceptions)
+    assert set(vars(step.policy)) == {"settings", "num_classes", "seed", "tau", "bank", "public", "gate_state",
+                                     "_gate_probs"}
+    assert step.policy.public[0] is experiment.data.public[0]
 
 
 def _sup(label: int, n: int):
@@ -200,3 +203,58 @@ def test_server_step_keeps_part_of_what_a_client_held(experiment):
     assert second.labels.tolist() == [1] * 6 + [0] * 3 and second.stats["kept"] == 3
     assert len(fresh.labels) == 6   # client 2 held nothing
     assert step.log[1]["supplements"]["1"]["kept"] == 3
+
+
+@pytest.fixture(scope="module")
+def server_delivery(tmp_path_factory):
+    """delivery: server, 3 rounds (supplements after rounds 0 and 1), recording what FedML's average receives."""
+    from fedml.simulation.sp.fedavg.fedavg_api import FedAvgAPI
+
+    from fedml_feddpd.config import validate
+    from fedml_feddpd.runner import execute, prepare
+
+    raw = shrink(yaml.safe_load(open(os.path.join(ROOT, "configs", "digits_feddpd.yaml"))))
+    raw["train_args"].update(client_num_per_round=2, comm_round=3, epochs=1)
+    raw["feddpd"].update(delivery="server", warmup_rounds=0, tau=0.0, bank_per_class=8, dpo_rounds=0)
+    raw["generator"].update(pretrain_steps=20, sample_steps=5, cache_dir=str(tmp_path_factory.mktemp("gen")))
+    exp = prepare(validate(raw, "feddpd-server.yaml"), show_progress=False)
+    step, averaged, before = exp.recorder.server_step, [], []
+    original_before, original_average = step.before_aggregation, FedAvgAPI._aggregate
+
+    def spy_before(round_idx, uploads, average):
+        trained = original_before(round_idx, uploads, average)  # FedML then averages into the first one in place
+        before.append((round_idx, uploads, trained and {c: {k: v.clone() for k, v in w.items()}
+                                                        for c, w in trained.items()}))
+        return trained
+
+    def spy_average(self, w_locals):  # a due round averages twice: the uploads (for selection), then the round's
+        averaged.append([(n, {k: v.clone() for k, v in w.items()}) for n, w in w_locals])
+        return original_average(self, w_locals)
+
+    step.before_aggregation = spy_before
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FedAvgAPI, "_aggregate", spy_average)
+        result = execute(exp)
+    return exp, before, averaged, result
+
+
+def test_server_delivery_trains_each_upload_on_the_server_and_sends_clients_nothing(server_delivery):
+    exp, before, averaged, result = server_delivery
+    step = exp.recorder.server_step
+    assert [r for r, _, _ in before] == [0, 1, 2] and before[2][2] is None  # nothing after the last round
+    assert len(averaged) == 5
+    assert not step.delivered
+    for loader in exp.api.train_data_local_dict.values():  # clients train on their own data only
+        assert not hasattr(loader.dataset, "tensors") or len(loader.dataset.tensors) == 2
+    for round_idx in (0, 1):
+        _, uploads, trained = before[round_idx]
+        log = step.log[round_idx]
+        assert "server_training" in log["server_stage_seconds"]
+        fed_to_average = dict(zip(result["rounds"][round_idx]["clients"], averaged[2 * round_idx + 1]))
+        for up in uploads:
+            stats = log["supplements"][str(up.client_id)]
+            assert stats["sent_bytes"] == 0 and stats["bytes"] > 0 and stats["size"] > 0
+            n, params = fed_to_average[up.client_id]
+            assert n == up.num_samples
+            assert all(torch.equal(params[k], trained[up.client_id][k]) for k in params)  # FedML averages them
+            assert any(not torch.equal(params[k], up.state_dict[k]) for k in params)  # and they moved

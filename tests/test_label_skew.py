@@ -172,7 +172,7 @@ class RequestedGenerator:
 def test_balance_at_budget_totals_b_k_and_follows_the_flattening_direction():
     from fedml_feddpd.baselines import BalanceBudgetPolicy
     from fedml_feddpd.baselines.balance import budget_split, flatten_counts
-    from fedml_feddpd.algorithm import client_budget
+    from fedml_feddpd.feddpd import client_budget
     from fedml_feddpd.supplement import ClientUpload, FedDPDSettings, StageTimer
 
     hist = np.array([[30, 5, 0, 10], [2, 2, 2, 2], [40, 20, 10, 1]])

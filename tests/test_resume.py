@@ -24,7 +24,7 @@ def _tiny_feddpd(tmp_path):
     raw["train_args"]["comm_round"] = ROUNDS
     # supplements after rounds 0 and 2; the kill lands between them, so DPO adapters, supplements and
     # loader states all have to come back from the checkpoint
-    raw["feddpd"].update(warmup_rounds=0, supplement_every=2, tau=0.0, pool_per_class=6)
+    raw["feddpd"].update(schedule="periodic", warmup_rounds=0, supplement_every=2, tau=0.0, bank_per_class=6)
     raw["generator"].update(pretrain_steps=10, sample_steps=4, cache_dir=str(tmp_path / "gen"))
     raw["dpo_args"].update(max_steps=3, batch_size=4)
     raw["run_args"].update(baseline="none", output_dir=str(tmp_path / "runs"))
@@ -148,6 +148,8 @@ def test_every_supplement_method_resumes_to_identical_metrics(method, tmp_path, 
         images, labels, _ = policy_state["shared"]
         assert all(torch.equal(images, x) and torch.equal(labels, y)
                    for x, y, _ in state["server_step"]["delivered"].values())
+    elif method in ("Balance", "Balance@B"):  # each client's first draw, which later rounds cut from
+        assert set(policy_state) == {"drawn"} and policy_state["drawn"]
     else:
         assert policy_state == {}
     torch.save(state, legacy / "checkpoint.pt")
@@ -163,11 +165,11 @@ def test_every_supplement_method_resumes_to_identical_metrics(method, tmp_path, 
         assert all(s["kept"] > 0 for s in resumed["rounds"][1]["server_step"]["supplements"].values())
 
     capsys.readouterr()
-    if method == "FedDiff":  # its shared set cannot be rebuilt: refused in one line, the folder as it was
+    if method != "Oracle":  # their saved draws cannot be rebuilt: refused in one line, the folder as it was
+        what = "FedDiff's saved shared set" if method == "FedDiff" else "Balance's saved draws"
         assert main(["run", "--cf", str(path), "--out", str(legacy), "--resume", "--no-progress"]) == 2
         assert capsys.readouterr().err.strip().splitlines()[-1] == (
-            f"feddpd: error: checkpoint {legacy / 'checkpoint.pt'} predates FedDiff's saved shared set; "
-            "delete it to start over")
+            f"feddpd: error: checkpoint {legacy / 'checkpoint.pt'} predates {what}; delete it to start over")
         assert sorted(os.listdir(legacy)) == ["INCOMPLETE", "checkpoint.pt"]
     elif method == "Oracle":  # a stateless policy resumes an older checkpoint bit for bit
         assert main(["run", "--cf", str(path), "--out", str(legacy), "--resume", "--no-progress"]) == 0
@@ -234,6 +236,9 @@ def test_checkpoint_of_another_config_is_refused(half_run, capsys):
     ("FedDPD", "feddpd", ("tau", 0.7), True),
     ("FedDiff", "feddpd", ("supplement_ratio", 2.0), True),  # its budget is FedDPD's
     ("FedDiff", "feddpd", ("tau", 0.7), False),
+    ("FedDiff", "feddpd", ("decay", 0.5), True),             # the schedule is every supplement method's
+    ("FedDiff", "feddpd", ("supplement_every", 7), False),    # ... but the exponential one has no period
+    ("FedDPD", "feddpd", ("discrepancy", "kl"), False),       # read by selection: discrepancy only
     ("Oracle", "generator", ("sample_steps", 10), False),   # real held-out data, no generator
     ("Balance", "feddpd", ("supplement_ratio", 2.0), False),  # its budget is what flattening takes
     ("Balance", "feddpd", ("warmup_rounds", 40), True),
@@ -258,14 +263,14 @@ def test_feddpd_without_dpo_does_not_depend_on_the_dpo_keys():
     from fedml_feddpd.config import load_config
 
     sections = load_config(os.path.join(ROOT, "configs", "digits_feddpd.yaml")).sections
-    for off in ({"dpo": False}, {"selection": "random"}):
+    for off in ({"dpo": False}, {"selection": "random"}, {"dpo_rounds": 0}):
         base = {s: dict(body) for s, body in sections.items()}
         base["feddpd"].update(off)
         changed = {s: dict(body) for s, body in base.items()}
         changed["dpo_args"].update(max_steps=30, warm_start=False)
-        changed["feddpd"].update(candidates="adapter", oversample=2.0)
+        changed["feddpd"].update(pairs="quantile", adapter_samples=5, disagreement_weight=2.0, pair_quantile=0.1)
         assert _run_identity(base) == _run_identity(changed)
-        changed["feddpd"]["tau"] = 0.5   # still read
+        changed["feddpd"]["supplement_ratio"] = 0.9   # still read
         assert _run_identity(base) != _run_identity(changed)
     changed = {s: dict(body) for s, body in sections.items()}   # with DPO they matter
     changed["dpo_args"]["max_steps"] = 30

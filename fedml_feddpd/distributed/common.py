@@ -59,11 +59,9 @@ def pickled_size(obj) -> int:
 def fedavg_average(model_list):
     """FedML's sp average (`FedAvgAPI._aggregate`, simulation/sp/fedavg/fedavg_api.py:144-159), called as is.
 
-    FedML's MPI aggregator computes `w * n / N` (simulation/mpi/fedavg/FedAVGAggregator.py:109-115), which
-    can round differently from sp's `w * (n / N)`; calling sp's own function on every backend, with the
-    uploads in the same client order, gives the same global model bit for bit. It averages into
-    model_list[0] in place.
-    """
+    FedML's MPI aggregator computes `w * n / N` (simulation/mpi/fedavg/FedAVGAggregator.py:109-115), which can
+    round differently from sp's `w * (n / N)`; sp's own function on every backend, with the uploads in the same
+    client order, gives the same global model bit for bit. It averages into model_list[0] in place."""
     from fedml.simulation.sp.fedavg.fedavg_api import FedAvgAPI
 
     return FedAvgAPI._aggregate(None, model_list)
@@ -230,6 +228,8 @@ class ServerCore:
         uploads = None
         if step is not None:
             uploads = [ClientUpload(int(cid), n, copy.deepcopy(w)) for cid, (n, w) in zip(client_ids, model_list)]
+            trained = step.before_aggregation(round_idx, uploads, fedavg_average) or {}  # feddpd.delivery: server
+            model_list = [(n, trained.get(int(cid), w)) for cid, (n, w) in zip(client_ids, model_list)]
         w_global = fedavg_average(model_list)
         if step is not None:
             step(round_idx, w_global, uploads)

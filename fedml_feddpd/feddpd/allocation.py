@@ -1,4 +1,4 @@
-"""Turning discrepancy scores into a per-class budget, a selection and DPO preference pairs."""
+"""A client's budget, its split over classes by score mass, and the top candidates of each class."""
 from __future__ import annotations
 
 import numpy as np
@@ -26,9 +26,9 @@ def largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
 
 def allocate_classes(scores: np.ndarray, labels: np.ndarray, gate: np.ndarray, budget: int,
                      num_classes: int) -> np.ndarray:
-    """Split a client's budget over classes in proportion to the positive discrepancy mass of each
-    class among gated candidates. A class the global model does not recognise (nothing passes the
-    gate) or where the client is not lacking (no positive discrepancy) gets nothing."""
+    """Split a client's budget over classes in proportion to the positive score mass (loss gap or discrepancy)
+    of each class among gated candidates. A class where nothing passes the gate, or where the client is not
+    lacking (no positive score), gets nothing."""
     positive = np.where(np.asarray(gate, bool), np.clip(np.asarray(scores, float), 0.0, None), 0.0)
     mass = np.bincount(np.asarray(labels, int), weights=positive, minlength=num_classes)
     return largest_remainder(mass, budget)
@@ -46,28 +46,9 @@ def select_top(scores: np.ndarray, labels: np.ndarray, gate: np.ndarray, class_c
     return np.concatenate(chosen) if chosen else np.zeros(0, dtype=int)
 
 
-def build_pairs(scores: np.ndarray, labels: np.ndarray, gate: np.ndarray, classes, pair_quantile: float,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """DPO preference pairs within a class: chosen from the top `pair_quantile` of d_k among gated
-    candidates (recognisable and lacking), rejected from the bottom `pair_quantile` of all the
-    class's candidates. Returns equal-length index arrays (chosen, rejected)."""
-    if not 0.0 < pair_quantile <= 0.5:
-        raise ValueError(f"feddpd.pair_quantile: expected a number in (0, 0.5], got {pair_quantile}")
-    scores, labels, gate = np.asarray(scores, float), np.asarray(labels, int), np.asarray(gate, bool)
-    chosen, rejected = [], []
-    for c in classes:
-        idx = np.flatnonzero(labels == c)
-        k = int(np.floor(pair_quantile * len(idx)))
-        if k == 0:
-            continue
-        order = idx[np.argsort(scores[idx], kind="stable")]
-        low = order[:k]
-        high = [i for i in order[::-1][:k] if gate[i]]
-        n = min(len(high), len(low))
-        if n == 0:
-            continue
-        chosen.append(rng.permutation(np.asarray(high))[:n])
-        rejected.append(rng.permutation(low)[:n])
-    if not chosen:
-        return np.zeros(0, dtype=int), np.zeros(0, dtype=int)
-    return np.concatenate(chosen), np.concatenate(rejected)
+def take_per_class(labels: np.ndarray, class_counts: np.ndarray) -> np.ndarray:
+    """Indices of the first `class_counts[c]` samples of each class c, in their order in `labels` (fewer where a
+    class has fewer): a smaller supplement cut from a larger one with the same class proportions."""
+    labels = np.asarray(labels, int)
+    picked = [np.flatnonzero(labels == c)[:int(n)] for c, n in enumerate(class_counts) if n > 0]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=int)

@@ -9,6 +9,8 @@ setup(
     # fedml_feddpd.baselines, so nothing with a generic name lands in site-packages.
     packages=find_packages(include=["fedml_feddpd", "fedml_feddpd.*"]) + ["fedml_feddpd.baselines"],
     package_dir={"fedml_feddpd.baselines": "baselines"},
+    # the default digits and Fashion-MNIST generators (benchmarks/judge.py --ship), about 3 MB each
+    package_data={"fedml_feddpd.generation": ["shipped/*/*"]},
     python_requires=">=3.10",
     install_requires=[
         "fedml==0.9.6",

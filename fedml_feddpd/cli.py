@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", default=None,
                          help="comma-separated method names of the suite: run and report only these (default: all)")
     compare.add_argument("--no-progress", action="store_true")
+    pretrain = verbs.add_parser("pretrain", help="the config's generator: shipped, cached, or pretrained now and cached")
+    pretrain.add_argument("--cf", required=True, help="FedML-style YAML config of a method that uses the generator")
+    pretrain.add_argument("--no-progress", action="store_true")
     report = verbs.add_parser("report", help="rebuild report.md and curves from a compare folder's results.json")
     report.add_argument("dir")
     _add_silo_verbs(verbs)
@@ -69,6 +72,8 @@ def main(argv=None) -> int:
         return _certs(args)
     if args.verb in ("silo", "silo-local"):
         return _silo(args)
+    if args.verb == "pretrain":
+        return _pretrain(args)
     if args.verb != "run":
         return _compare_or_report(args)
     try:
@@ -93,6 +98,26 @@ def main(argv=None) -> int:
               f"balanced accuracy {final['balanced_accuracy']:.4f}, {res['wall_seconds']:.1f} s "
               f"(clients {res['client_seconds_total']:.1f} s, server {res['server_seconds_total']:.1f} s)")
     print(f"results -> {result['out_dir']}")
+    return 0
+
+
+def _pretrain(args) -> int:
+    """The generator a run of the config uses, made ready before any run: prints where it came from."""
+    try:
+        cfg = load_config(args.cf)
+        from .experiment import open_party, server_device
+        from .generation import GeneratorConfig, load_or_pretrain_generator
+        from .threads import torch_threads
+
+        party = open_party(cfg)
+        with torch_threads(cfg["generator_threads"] or os.cpu_count() or 1):
+            gen = load_or_pretrain_generator(GeneratorConfig(**cfg.sections["generator"]), *party.data.public,
+                                             seed=int(cfg["public_seed"]), progress=not args.no_progress,
+                                             device=server_device(cfg["server_device"], party.device))
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"feddpd: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"generator: {gen.source} ({gen.seconds:.1f} s) at {gen.path}")
     return 0
 
 

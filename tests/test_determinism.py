@@ -29,7 +29,7 @@ def test_same_seed_gives_identical_metrics(tmp_path):
     raw["run_args"]["baseline"] = "none"
     first = run(validate(raw, "a.yaml"), tmp_path / "a", show_progress=False)
     second = run(validate(raw, "a.yaml"), tmp_path / "b", show_progress=False)
-    assert first["generator"]["source"] == "trained" and second["generator"]["source"] == "cache"
+    assert first["generator"]["source"] == "pretrained" and second["generator"]["source"] == "cache"
     assert _strip(first["rounds"]) == _strip(second["rounds"])
     assert first["final"] == second["final"]
     assert any(r.get("server_step", {}).get("supplements") for r in first["rounds"])

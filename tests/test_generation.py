@@ -205,12 +205,12 @@ def test_cache_second_call_loads(tmp_path):
     x, y = tiny_data()
     first = load_or_pretrain_generator(cfg, x, y, seed=1, progress=False)
     second = load_or_pretrain_generator(cfg, x, y, seed=1, progress=False)
-    assert (first.source, second.source) == ("trained", "cache")
+    assert (first.source, second.source) == ("pretrained", "cache")
     assert first.path == second.path
     assert all(torch.equal(v, second.unet.state_dict()[k]) for k, v in first.unet.state_dict().items())
     assert not any(p.requires_grad for p in second.unet.parameters())
     # Another seed or other data is another generator; sample_steps does not change the weights.
-    assert load_or_pretrain_generator(cfg, x, y, seed=2, progress=False).source == "trained"
+    assert load_or_pretrain_generator(cfg, x, y, seed=2, progress=False).source == "pretrained"
     cfg_steps = tiny_cfg(tmp_path, sample_steps=10)
     assert load_or_pretrain_generator(cfg_steps, x, y, seed=1, progress=False).source == "cache"
     # guidance_scale is sampling-only too: it reuses the cached generator.
@@ -218,7 +218,7 @@ def test_cache_second_call_loads(tmp_path):
     assert guided.source == "cache" and guided.null_class == 10 == first.null_class
     no_null_cfg = tiny_cfg(tmp_path, label_dropout=0.0, guidance_scale=1.0)
     no_null = load_or_pretrain_generator(no_null_cfg, x, y, seed=1, progress=False)
-    assert no_null.source == "trained" and no_null.null_class is None  # label_dropout changes the weights
+    assert no_null.source == "pretrained" and no_null.null_class is None  # label_dropout changes the weights
 
 
 def test_damaged_cache_entry_is_a_one_line_error(tmp_path):
@@ -237,7 +237,7 @@ def test_damaged_cache_entry_is_a_one_line_error(tmp_path):
     assert msg.endswith("delete that folder to retrain the generator") and "\n" not in msg
     assert os.path.isfile(weights)  # left for the user to inspect, not silently replaced
     shutil.rmtree(first.path)
-    assert load_or_pretrain_generator(cfg, x, y, progress=False).source == "trained"
+    assert load_or_pretrain_generator(cfg, x, y, progress=False).source == "pretrained"
     assert load_or_pretrain_generator(cfg, x, y, progress=False).source == "cache"
 
 
@@ -280,7 +280,7 @@ def test_pretrained_folder_loads_and_bad_paths_fail_clearly(tmp_path):
     plain = plain_unet()
     plain.save_pretrained(tmp_path / "user_unet")
     gen = load_or_pretrain_generator(tiny_cfg(tmp_path, pretrained=str(tmp_path / "user_unet")), None, None)
-    assert gen.source == "pretrained" and gen.null_class == 10
+    assert gen.source == "given" and gen.null_class == 10
     assert torch.equal(probe(gen.unet), probe(plain.eval()))
     add_adapter(gen.unet, "k", DPOSettings())  # a user's plain UNet2DModel still takes adapters
     # A pipeline folder: unet/ plus the scheduler it was trained with, which overrides the config's schedule.
@@ -446,7 +446,7 @@ def test_concurrent_runs_pretrain_an_uncached_generator_once(tmp_path):
     results = [next(line.split()[1:] for line in out.splitlines() if line.startswith("SOURCE")) for out, _ in outs]
     sources = [source for source, _ in results]
     # Exactly one pretrained; the other waited on the lock (and said why), then loaded that run's entry.
-    assert sorted(sources) == ["cache", "trained"], outs
+    assert sorted(sources) == ["cache", "pretrained"], outs
     waited = [("waiting for another process pretraining generator" in err) for _, err in outs]
     assert waited == [source == "cache" for source in sources], outs
     waiter_err = outs[sources.index("cache")][1]
@@ -472,7 +472,7 @@ def test_cache_lock_is_released_when_pretraining_fails(tmp_path, monkeypatch):
         load_or_pretrain_generator(cfg, x, y, progress=False)
     assert os.listdir(tmp_path / "cache") == []  # lock released and its file removed
     monkeypatch.undo()
-    assert load_or_pretrain_generator(cfg, x, y, progress=False).source == "trained"
+    assert load_or_pretrain_generator(cfg, x, y, progress=False).source == "pretrained"
     assert load_or_pretrain_generator(cfg, x, y, progress=False).source == "cache"
 
 

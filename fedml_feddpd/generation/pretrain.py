@@ -37,6 +37,9 @@ class GeneratorFileError(ConfigError):
 
 CACHE_FORMAT = 1
 META_FILE = "feddpd_generator.json"
+# Generators that come with the package, each a cache entry under its key (benchmarks/judge.py --ship made them;
+# their feddpd_generator.json says with which command, at which commit, and how the judge scored them)
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 # Architecture keys a cached config.json must reproduce exactly; anything else (diffusers version) may differ.
 ARCH_KEYS = ("sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block", "norm_num_groups",
@@ -51,7 +54,7 @@ class ServerGenerator:
 
     unet: GeneratorUNet
     scheduler: DDPMScheduler
-    source: str  # "trained", "cache" or "pretrained"
+    source: str  # "shipped" (with the package), "cache", "pretrained" (now) or "given" (generator.pretrained)
     path: Optional[str]
     seconds: float
     final_loss: Optional[float] = None
@@ -249,10 +252,20 @@ def load_or_pretrain_generator(cfg: GeneratorConfig, images: torch.Tensor, label
             check_matches(unet, cfg)
         except ValueError as exc:
             raise GeneratorFileError(str(exc).splitlines()[0]) from None
-        return ServerGenerator(_frozen(unet), load_train_scheduler(cfg.pretrained, cfg), "pretrained", cfg.pretrained,
+        return ServerGenerator(_frozen(unet), load_train_scheduler(cfg.pretrained, cfg), "given", cfg.pretrained,
                                time.perf_counter() - start, null_class=_null_class(unet, cfg))
     _check_data(images, labels, cfg)
     key = cache_key(cfg, images, labels, seed)
+    shipped = os.path.join(SHIPPED_DIR, key)
+    if os.path.isdir(shipped):  # the package's own generator for this config and data: checked like a cache entry
+        try:
+            unet = _load_cached(shipped, key, cfg)
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise GeneratorFileError(f"shipped generator {shipped}: unusable ({reason}); expected the files that "
+                                     "came with fedml-feddpd: reinstall it") from None
+        return ServerGenerator(_frozen(unet), build_train_scheduler(cfg), "shipped", shipped,
+                               time.perf_counter() - start, null_class=_null_class(unet, cfg))
     folder = os.path.join(os.path.expanduser(cfg.cache_dir), key)
     if not os.path.isdir(folder):
         # Concurrent runs (compare --workers, MPI ranks, silo parties) pretrain this entry once: the first to
@@ -266,7 +279,7 @@ def load_or_pretrain_generator(cfg: GeneratorConfig, images: torch.Tensor, label
                         "final_loss": final, "steps": cfg.pretrain_steps}
                 _save_cache(unet, folder, meta)
                 logger.info("generator trained in %.1fs and cached at %s", time.perf_counter() - start, folder)
-                return ServerGenerator(_frozen(unet), scheduler, "trained", folder, time.perf_counter() - start,
+                return ServerGenerator(_frozen(unet), scheduler, "pretrained", folder, time.perf_counter() - start,
                                        final, null_class=_null_class(unet, cfg))
     # Here the entry exists: it did before, or another run wrote it while this one waited for the lock.
     try:

@@ -193,15 +193,15 @@ class RoundRecorder:
                   "missing_clients": list(getattr(self.api, "round_missing", []))}  # gRPC round_timeout_s
         if self.server_step is not None and round_idx in self.server_step.log:
             record["server_step"] = self.server_step.log[round_idx]
-        if round_idx % self.eval_every == 0 or round_idx == self.rounds - 1:
+        if self.data.validation_batches is not None:  # small, and what defaults are chosen on: every round
+            val = evaluate(self.model, self.data.validation_batches, self.data.class_num)
+            record.update(val_top1=val["top1"], val_balanced_accuracy=val["balanced_accuracy"])
+        if round_idx % self.eval_every == 0 or round_idx == self.rounds - 1:  # validation_args.frequency_of_the_test
             test = evaluate(self.model, self.data.test_batches, self.data.class_num)
             train = evaluate(self.model, self.data.train_batches, self.data.class_num)
             record.update(top1=test["top1"], balanced_accuracy=test["balanced_accuracy"],
                           per_class_accuracy=test["per_class_accuracy"], test_loss=test["loss"],
                           train_loss=train["loss"], train_top1=train["top1"])
-            if self.data.validation_batches is not None:
-                val = evaluate(self.model, self.data.validation_batches, self.data.class_num)
-                record.update(val_top1=val["top1"], val_balanced_accuracy=val["balanced_accuracy"])
             self.bar.set_postfix(top1=f"{test['top1']:.3f}", bal=f"{test['balanced_accuracy']:.3f}")
         now = time.perf_counter()
         record["wall_seconds"] = now - self._round_start

@@ -115,11 +115,11 @@ def _finite(x) -> Optional[float]:
 
 
 def last_k_mean(records: Sequence[dict], key: str = "top1", k: int = 10) -> Optional[float]:
-    """Mean of `key` over the last k *evaluated* round records (those that carry "top1"; with
-    eval_every > 1 they span more than k rounds; a run with fewer than k evaluated rounds uses all it
-    has). Records whose `key` is None or nan are skipped; None when nothing is left."""
-    evaluated = [r for r in records if r.get("top1") is not None]
-    x = _clean([r.get(key) for r in evaluated[-k:]])
+    """Mean of `key` over the last k round records that carry it (test metrics: the evaluated rounds, which with
+    eval_every > 1 span more than k rounds; validation metrics: every round; a run with fewer such records uses all
+    it has). nan values among them are skipped; None when nothing is left."""
+    carrying = [r for r in records if r.get(key) is not None]
+    x = _clean([r[key] for r in carrying[-k:]])
     return float(x.mean()) if len(x) else None
 
 

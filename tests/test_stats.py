@@ -114,6 +114,9 @@ def test_last_k_mean_uses_evaluated_records_only():
     assert stats.last_k_mean(records[:3], "top1", 10) == pytest.approx(0.01)
     assert stats.last_k_mean(records, "top1", 3) == pytest.approx(0.12)
     assert stats.last_k_mean([{"round": 0}], "top1") is None
+    # a key every round carries (validation accuracy): the last k rounds
+    records = [dict(r, val_top1=r["round"] / 100) for r in records]
+    assert stats.last_k_mean(records, "val_top1", 10) == pytest.approx(0.085)  # rounds 4..13
 
 
 def test_global_class_counts_prefers_training_histograms():

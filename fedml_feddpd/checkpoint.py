@@ -36,6 +36,7 @@ CHECKPOINT = "checkpoint.pt"
 INCOMPLETE = "INCOMPLETE"
 # Keys that change how a run is executed or where it is written, not what it computes.
 NEUTRAL_KEYS = {("run_args", "output_dir"), ("run_args", "torch_threads"), ("run_args", "generator_threads"),
+                ("run_args", "sample_cache"),
                 ("run_args", "checkpoint_every"), ("comm_args", "tls"), ("comm_args", "allow_insecure"),
                 # they act only when a gRPC client drops out; with every client answering, as on sp and MPI,
                 # the numbers do not depend on them

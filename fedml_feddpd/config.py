@@ -115,6 +115,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         # where the server step's generator work and scoring run: auto = the classifier's device (device_args);
         # cuda with a CPU classifier suits a GPU shared by several runs at once (compare --workers)
         "server_device": _choice(("auto", "cpu", "cuda"), "auto"),
+        # keep the base generator's lone draws on disk (<generator.cache_dir>/samples), so that runs with the same
+        # generator, draw, device and threads read them back: the same images, without sampling them again
+        "sample_cache": _bool(False),
         # also run this method on the same split afterwards and print both (none = off)
         "baseline": _choice(("none", "FedAvg", "FedProx"), "none"),
         # checkpoint into the run folder every N rounds (and after the last); 0 = never (no --resume)

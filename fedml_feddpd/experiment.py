@@ -144,7 +144,7 @@ def server_step(party: Party, deliver: Callable, show_progress: bool):
                                                    progress=show_progress, device=device)
         generator.unet.to(device)
         service = GeneratorService(generator, DPOSettings(**cfg.sections["dpo_args"]), gen_cfg,
-                                   threads=threads)
+                                   threads=threads, sample_cache=cfg["sample_cache"])
         info = {"source": generator.source, "path": generator.path, "seconds": generator.seconds}
     scorer = Scorer(party.model, data.space, device, train_args=args, threads=threads)
     return ServerStep(policy, scorer, service, args.comm_round - 1, deliver), info

@@ -8,6 +8,9 @@ per client, only what FedAvg already receives: the uploaded model parameters and
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,16 +49,45 @@ class GeneratorService:
     """What a policy needs from the generator: class-conditional sampling, with a client adapter
     when one was trained, and Diffusion-DPO of a client adapter. Wraps fedml_feddpd.generation."""
 
-    def __init__(self, generator, dpo_settings, generator_config, threads: int = 0):
+    def __init__(self, generator, dpo_settings, generator_config, threads: int = 0, sample_cache: bool = False):
         self.generator, self.dpo_settings = generator, dpo_settings
         self.sample_steps, self.sampler = generator_config.sample_steps, generator_config.sampler
         self.guidance_scale = generator_config.guidance_scale  # classifier-free guidance (1: off)
         self.threads = threads  # torch threads for sampling and DPO (run_args.generator_threads); 0: as set now
         self._states = None  # adapter_states, kept until an adapter changes (train_adapters, load_adapter_states)
+        # run_args.sample_cache: the base generator's draws on disk beside the generator cache
+        self.sample_dir = os.path.join(os.path.expanduser(generator_config.cache_dir), "samples") if sample_cache \
+            else None
 
     def sample(self, class_counts, seed: int, adapter: Optional[str] = None):
-        """Images for `class_counts` from `seed`, through `adapter` (None: the base UNet)."""
-        return self.sample_many({0: (class_counts, seed, adapter)})[0]
+        """Images for `class_counts` from `seed`, through `adapter` (None: the base UNet). With the sample cache, a
+        base draw another run made with the same generator, inputs, device and threads is read back instead."""
+        path = self._cached(class_counts, seed) if adapter is None else None
+        if path is not None and os.path.isfile(path):
+            images, labels = torch.load(path, map_location="cpu", weights_only=True)
+            return images, labels
+        out = self.sample_many({0: (class_counts, seed, adapter)})[0]
+        if path is not None:
+            os.makedirs(self.sample_dir, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            torch.save(out, tmp)
+            os.replace(tmp, path)
+        return out
+
+    def _cached(self, class_counts, seed: int) -> Optional[str]:
+        """The sample cache's file for a lone base draw, or None where a draw cannot be reused: no cache, a user's
+        generator folder (its weights may change under the same path) or adapters in the UNet."""
+        from .generation import adapter_names
+
+        gen = self.generator
+        if self.sample_dir is None or gen.source == "given" or not gen.path or adapter_names(gen.unet):
+            return None
+        spec = {"generator": os.path.basename(gen.path), "counts": [int(c) for c in class_counts], "seed": int(seed),
+                "steps": self.sample_steps, "sampler": self.sampler, "guidance": self.guidance_scale,
+                "null_class": gen.null_class, "device": str(next(gen.unet.parameters()).device),
+                "threads": self.threads or torch.get_num_threads(), "torch": torch.__version__}
+        return os.path.join(self.sample_dir, hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+                            + ".pt")
 
     def sample_many(self, jobs: dict) -> dict:
         """{key: (class_counts, seed, adapter or None)} -> {key: (images, labels)}, every job in shared UNet

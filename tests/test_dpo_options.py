@@ -1,5 +1,6 @@
 """FedDPD's policy with a scorer and a generator the test controls: the bank, the gates, DPO's rounds and pairs;
 and dpo_args.warm_start and the generator threads of the DPO step."""
+import os
 from dataclasses import replace
 
 import pytest
@@ -223,3 +224,32 @@ def test_dpo_and_sampling_run_on_the_generator_threads(monkeypatch):
         assert torch.get_num_threads() == 1  # put back afterwards
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_sample_cache_reads_back_exactly_what_a_base_draw_gives(tmp_path, monkeypatch):
+    """run_args.sample_cache: a lone base draw is kept on disk and read back by the next run with the same generator,
+    draw, device and threads, instead of sampled again; never with adapters in the UNet or another seed."""
+    from fedml_feddpd.generation import DPOSettings, GeneratorConfig, add_adapter
+    from fedml_feddpd.generation.pretrain import ServerGenerator
+    from fedml_feddpd.generation.unet import build_train_scheduler, build_unet
+    from fedml_feddpd.supplement import GeneratorService
+
+    cfg = GeneratorConfig(block_out_channels=(8, 16), attention_head_dim=8, sample_steps=2, guidance_scale=1.0,
+                          cache_dir=str(tmp_path / "gens"))
+    torch.manual_seed(0)
+    gen = ServerGenerator(build_unet(cfg).requires_grad_(False), build_train_scheduler(cfg), "cache",
+                          str(tmp_path / "gens" / "abc123"), 0.0)
+    plain = GeneratorService(gen, DPOSettings(), cfg, threads=1).sample([2, 1, 0], seed=5)
+    cached = GeneratorService(gen, DPOSettings(), cfg, threads=1, sample_cache=True)
+    first = cached.sample([2, 1, 0], seed=5)
+    assert len(os.listdir(tmp_path / "gens" / "samples")) == 1
+    monkeypatch.setattr(GeneratorService, "sample_many", lambda *a, **k: pytest.fail("sampled again"))
+    again = cached.sample([2, 1, 0], seed=5)
+    for x, y, z in zip(plain, first, again):
+        assert torch.equal(x, y) and torch.equal(y, z)
+    with pytest.raises(pytest.fail.Exception):
+        cached.sample([2, 1, 0], seed=6)  # another draw: sampled
+    monkeypatch.undo()
+    add_adapter(gen.unet, "client_0", DPOSettings())
+    cached.sample([2, 1, 0], seed=7)
+    assert len(os.listdir(tmp_path / "gens" / "samples")) == 1  # with adapters in the UNet: nothing kept

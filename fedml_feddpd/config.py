@@ -112,11 +112,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "output_dir": _str("runs"),
         "torch_threads": _int(0, 1),  # 0 = torch default
         "generator_threads": _int(0, 0),  # pretraining and sampling; 0 = all cores
-        # where the server step's generator work and scoring run: auto = the classifier's device (device_args);
-        # cuda with a CPU classifier suits a GPU shared by several runs at once (compare --workers)
+        # where the server step's generator work and scoring run; auto: with the classifier (device_args)
         "server_device": _choice(("auto", "cpu", "cuda"), "auto"),
-        # keep the base generator's lone draws on disk (<generator.cache_dir>/samples), so that runs with the same
-        # generator, draw, device and threads read them back: the same images, without sampling them again
+        # keep the base generator's lone draws on disk for runs with the same generator, draw, device and threads
         "sample_cache": _bool(False),
         # also run this method on the same split afterwards and print both (none = off)
         "baseline": _choice(("none", "FedAvg", "FedProx"), "none"),

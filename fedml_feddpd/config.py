@@ -112,8 +112,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "output_dir": _str("runs"),
         "torch_threads": _int(0, 1),  # 0 = torch default
         "generator_threads": _int(0, 0),  # pretraining and sampling; 0 = all cores
-        # where the server step's generator work and scoring run; auto: with the classifier (device_args)
-        "server_device": _choice(("auto", "cpu", "cuda"), "auto"),
+        "server_device": _choice(("auto", "cpu", "cuda"), "auto"),  # generator and scoring; auto: the classifier's
         # keep the base generator's lone draws on disk for runs with the same generator, draw, device and threads
         "sample_cache": _bool(False),
         # also run this method on the same split afterwards and print both (none = off)

@@ -1,6 +1,6 @@
 """Wall time, communication bytes and per-process CPU of one config on sp, MPI and gRPC (silo-local).
 
-    python benchmarks/backends.py --cf configs/digits_feddpd.yaml --set train_args.comm_round=25 --out runs/backends
+    python -m benchmarks.backends --cf configs/digits_feddpd.yaml --set train_args.comm_round=25 --out runs/backends
 
 Every backend runs the same config (seed, split, method) as separate `python -m fedml_feddpd` commands;
 the script samples the CPU seconds of every process it started (psutil) and writes `backends.json`

@@ -1,7 +1,7 @@
 """Run one config over several seeds (optionally with `--set section.key=value` overrides) and print
 final top-1 / balanced accuracy as mean ± std, plus wall, client and server seconds.
 
-    python benchmarks/seeds.py --cf configs/digits_feddpd.yaml --seeds 0 1 2 --set feddpd.dpo=false
+    python -m benchmarks.seeds --cf configs/digits_feddpd.yaml --seeds 0 1 2 --set feddpd.dpo=false
 """
 import argparse
 import json

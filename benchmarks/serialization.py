@@ -1,7 +1,7 @@
 """Bytes and seconds per round of the gRPC wire format (fedml_feddpd/distributed/wire.py) against FedML's
 pickle, for the digits model.
 
-    python benchmarks/serialization.py [--clients 10] [--supplement 40] [--repeats 20]
+    python -m benchmarks.serialization [--clients 10] [--supplement 40] [--repeats 20]
 
 One round of configs/digits_feddpd_silo.yaml: the server sends each client its payload {client, model,
 supplement} (a supplement round: `--supplement` 8x8 images each) and each client uploads its model with
@@ -13,13 +13,9 @@ from __future__ import annotations
 import argparse
 import pickle
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def round_messages(clients: int, supplement: int):

@@ -95,8 +95,6 @@ def write_report(out: Path, results: dict) -> None:
     labels = dict(METRICS)
     n_suite = len(results["seeds"])
     lines = [f"# Compare: {len(methods)} methods x {len(settings)} settings x {n_suite} seeds", ""]
-    if results.get("rebuilt_from_old_format"):
-        lines += [results["rebuilt_from_old_format"], ""]
     lines += [
         f"Global-model accuracy in %, over seeds {results['seeds']}: mean ± sample std (ddof 1) "
         "[95% Student-t confidence interval of the mean]. **top-1 (LT test)**: accuracy on the test set as "

@@ -127,9 +127,8 @@ def _summarise(per_method: dict) -> dict:
 
 
 def rebuild_report(out_dir: str) -> Path:
-    """report.md and the curves again from `out_dir`/results.json. An old-format results.json (before
-    per-seed values of every metric) is rebuilt from the run folders when they are all there, else from
-    the final top-1 and balanced values it holds (the other columns then read n/a)."""
+    """report.md and the curves again from `out_dir`/results.json (a results.json of another format: one line, rebuild
+    it from the run folders with `compare --collect-only`)."""
     out = Path(out_dir)
     path = out / "results.json"
     if not path.is_file():
@@ -139,57 +138,8 @@ def rebuild_report(out_dir: str) -> Path:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"report: {path}: not JSON ({exc}); expected the results.json a compare run wrote") from None
     if not isinstance(results, dict) or results.get("format") != RESULTS_FORMAT:
-        results = _from_old_format(out, path, results)
+        found = results.get("format") if isinstance(results, dict) else None
+        raise ConfigError(f"report: {path} is of format {found}, expected {RESULTS_FORMAT}: rebuild it where its runs "
+                          "are with `compare --cf SUITE --collect-only`")
     write_report(out, results)
     return out
-
-
-def _from_old_format(out: Path, path: Path, old) -> dict:
-    """New-format results from an old results.json: from the run folders when every run it lists has its
-    metrics.json there; else from its per-seed final top-1 and balanced values (ConfigError naming the
-    first missing field when even those are not there)."""
-    where = "results.json"
-    try:
-        where = "seeds"
-        seeds = list(old["seeds"])
-        where = "settings"
-        settings = dict(old["settings"])
-        methods = list(next(iter(settings.values())))
-        listed = [(s, m, seed) for s in settings for m in methods for seed in settings[s][m]["seeds"]]
-        if listed and all((_run_dir(out, *k) / "metrics.json").is_file() for k in listed):
-            return collect(out, {"seeds": seeds, "settings": settings, "methods": methods})
-        results = {"format": RESULTS_FORMAT, "seeds": seeds, "metrics": dict(METRICS), "settings": {},
-                   "references": {}}
-        for s, per_old in settings.items():
-            per = results["settings"][s] = {}
-            for m, e in per_old.items():
-                where = f"settings.{s}.{m}.seeds"
-                if not e["seeds"]:
-                    per[m] = {"seeds": [], "privacy": None, "method": None}
-                    continue
-                n = len(e["seeds"])
-                new = per[m] = {"seeds": list(e["seeds"]), "privacy": e.get("privacy"), "method": e.get("method")}
-                for key, _ in METRICS:
-                    where = f"settings.{s}.{m}.{key}.values"
-                    vals = list(e[key]["values"]) if key in ("top1", "balanced_accuracy") else [None] * n
-                    if len(vals) != n:
-                        raise KeyError(key)
-                    new[key] = {"values": vals}
-                for key in ("wall_seconds", "client_seconds_total", "server_seconds_total", "supplement_per_client"):
-                    new[key] = e.get(key)
-                mean, std = e.get("curve_mean"), e.get("curve_std")
-                if mean is not None and std is not None:
-                    band = [stats.ci_from_population_std(mu, sd, n) for mu, sd in zip(mean, std)]
-                    new["curve_mean"] = [None if mu is None or mu != mu else mu for mu in mean]
-                    new["curve_ci95_low"] = [lo for lo, _ in band]
-                    new["curve_ci95_high"] = [hi for _, hi in band]
-            results["references"][s] = _summarise(per)
-    except (KeyError, TypeError, ValueError, AttributeError, StopIteration):
-        raise ConfigError(f"report: {path}: {where} missing or malformed; expected the results.json a compare "
-                          "run wrote (rerun `compare --cf SUITE --collect-only` next to its runs/ folder)") from None
-    results["rebuilt_from_old_format"] = (
-        f"*Rebuilt from an old-format results.json without its run folders ({out / 'runs'}): only the final "
-        "top-1 and balanced values per seed are known, so the last-10 and head/medium/tail columns read n/a "
-        "and the curve bands are t intervals derived from its stored population std. Run `compare --cf SUITE "
-        "--collect-only` where the runs are for the full report.*")
-    return results

@@ -217,27 +217,18 @@ def test_report_partial_suite_and_reference_by_optimizer(fake_compare):
     assert "(seeds 0, 1)" in report and "paired difference to FedDPD (tau 2)" in report
 
 
-def test_report_on_old_results_json(tmp_path, capsys):
-    """The repo's docs/results/compare_digits/results.json predates per-seed metrics: `report` rebuilds
-    what it can from it, and stops with one line on a results.json it cannot read."""
-    import shutil
-
+def test_report_refuses_a_results_json_it_cannot_read_in_one_line(tmp_path, capsys):
     from fedml_feddpd.cli import main
 
-    shutil.copy(os.path.join(ROOT, "docs", "results", "compare_digits", "results.json"), tmp_path / "results.json")
-    assert main(["report", str(tmp_path)]) == 0
-    report = (tmp_path / "report.md").read_text()
-    assert "Rebuilt from an old-format results.json" in report and "paired difference to FedAvg" in report
-    assert "**" not in _table_rows(report, "## IF=10")["Balance †"]
-    assert (tmp_path / "curves_IF=10.png").read_bytes()[:4] == b"\x89PNG"
-    capsys.readouterr()
-    old = json.loads((tmp_path / "results.json").read_text())
-    del old["settings"]["IF=10"]["FedAvg"]["top1"]
-    (tmp_path / "results.json").write_text(json.dumps(old))
+    (tmp_path / "results.json").write_text(json.dumps({"seeds": [0], "settings": {}}))  # an older format
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "settings.IF=10.FedAvg.top1.values missing or malformed" in err[0]
-    assert "Traceback" not in err[0]
+    assert err == [f"feddpd: error: report: {tmp_path / 'results.json'} is of format None, expected 2: rebuild it "
+                   "where its runs are with `compare --cf SUITE --collect-only`"]
+    (tmp_path / "results.json").write_text("{not json")
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not JSON" in err[0] and "Traceback" not in err[0]
 
 
 def test_settings_and_methods_flags_keep_part_of_the_suite(tmp_path):

@@ -17,7 +17,7 @@ class FedDPDSettings:
     warmup_rounds: int = 1
     supplement_every: int = 20         # periodic only
     supplement_ratio: float = 0.5      # rho_0: supplement size / client sample count
-    decay: float = 0.9                 # exponential only: rho_t = rho_0 * decay ** (t - warmup_rounds)
+    decay: float = 0.95                # exponential only: rho_t = rho_0 * decay ** (t - warmup_rounds)
     ratio_floor: float = 0.0           # exponential only: rho_t never falls below it
     supplement_weight: float = 1.0     # loss weight of a synthetic sample
     # when a client's supplement is replaced, the share of its previous one it keeps (a random subset, so the
@@ -37,7 +37,7 @@ class FedDPDSettings:
     bank_refresh: int = 0              # draw the base samples again every N rounds (0: once)
     # -- DPO (reward.py) --
     dpo: bool = True
-    dpo_rounds: int = 1                # DPO runs in the first N supplement rounds only (0: never)
+    dpo_rounds: int = 0                # DPO runs in the first N supplement rounds only (0: never)
     pairs: str = "median"              # median: above / at-or-below the class median of the reward; quantile
     pair_quantile: float = 0.25        # pairs: quantile only
     disagreement_weight: float = 1.0   # lambda in the reward (l_k - l_g) + lambda * [argmax p_k != argmax p_g]

@@ -60,7 +60,7 @@ class GeneratorConfig:
     attention_head_dim: int = 16
     train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
-    pretrain_steps: int = 600   # 8x8 digits: chosen on validation data (configs/validate_pretrain_digits.yaml)
+    pretrain_steps: int = 600   # 8x8 digits: chosen on validation data (CHANGELOG.md, 0.1.0)
     pretrain_batch_size: int = 128
     pretrain_lr: float = 2e-3
     ema_decay: float = 0.995
@@ -69,7 +69,7 @@ class GeneratorConfig:
     sampler: str = "ddim"  # how pool and supplements are sampled (SAMPLERS); sampling-only, not in the cache key
     # Classifier-free guidance at sampling: eps_null + w * (eps_class - eps_null), w >= 1; 1 = off (one UNet pass per
     # step, as before); w != 1 needs the null class that label_dropout > 0 trains and costs 2 passes per step.
-    # Sampling-only: not in the cache key. 1.5 chosen on validation data by `bench_generator.py --guidance`.
+    # Sampling-only: not in the cache key. 1.5 chosen on validation data (CHANGELOG.md, 0.1.0).
     guidance_scale: float = 1.5
     pretrained: Optional[str] = None
     cache_dir: str = "~/.cache/fedml_feddpd/generators"
@@ -183,7 +183,7 @@ class DPOSettings:
     target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
     seed: int = 0
     # continue a client's adapter from its last round's weights (checkpoints keep them) instead of a fresh one;
-    # with 10 steps a round, chosen on validation data (configs/validate_dpo_digits.yaml)
+    # with 10 steps a round, chosen on validation data (CHANGELOG.md, 0.1.0)
     warm_start: bool = True
 
     def __post_init__(self):

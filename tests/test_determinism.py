@@ -23,7 +23,7 @@ def test_same_seed_gives_identical_metrics(tmp_path):
 
     raw = shrink(yaml.safe_load(open(os.path.join(ROOT, "configs", "digits_feddpd.yaml"))))
     raw["train_args"]["comm_round"] = 3
-    raw["feddpd"].update(warmup_rounds=0, supplement_every=1, tau=0.0, bank_per_class=6)
+    raw["feddpd"].update(dpo_rounds=1, warmup_rounds=0, supplement_every=1, tau=0.0, bank_per_class=6)
     raw["generator"].update(pretrain_steps=10, sample_steps=4, cache_dir=str(tmp_path / "gen"))
     raw["dpo_args"].update(max_steps=3, batch_size=4)
     raw["run_args"]["baseline"] = "none"

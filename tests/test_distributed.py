@@ -39,7 +39,7 @@ def _env():
 def _tiny_feddpd(cache_dir) -> dict:
     raw = shrink(yaml.safe_load(open(os.path.join(ROOT, "configs", "digits_feddpd.yaml"))))
     raw["train_args"].update(client_num_in_total=2, client_num_per_round=2)
-    raw["feddpd"].update(warmup_rounds=0, supplement_every=1, tau=0.0, bank_per_class=4)
+    raw["feddpd"].update(dpo_rounds=1, warmup_rounds=0, supplement_every=1, tau=0.0, bank_per_class=4)
     raw["generator"].update(pretrain_steps=5, sample_steps=3, cache_dir=str(cache_dir))
     raw["dpo_args"].update(max_steps=2, batch_size=2)
     raw["run_args"]["baseline"] = "none"

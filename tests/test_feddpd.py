@@ -19,7 +19,7 @@ def experiment(tmp_path_factory):
 
     raw = shrink(yaml.safe_load(open(os.path.join(ROOT, "configs", "digits_feddpd.yaml"))))
     raw["train_args"].update(client_num_per_round=2)
-    raw["feddpd"].update(warmup_rounds=0, supplement_every=1, tau=0.0, bank_per_class=8, supplement_ratio=0.5)
+    raw["feddpd"].update(dpo_rounds=1, warmup_rounds=0, supplement_every=1, tau=0.0, bank_per_class=8, supplement_ratio=0.5)
     raw["generator"].update(pretrain_steps=20, sample_steps=5, cache_dir=str(tmp_path_factory.mktemp("gen")))
     raw["dpo_args"].update(max_steps=2, batch_size=4)
     return prepare(validate(raw, "feddpd-test.yaml"), show_progress=False)

@@ -24,7 +24,7 @@ def test_fedmls_quickstart_script_runs_feddpd_offline(tmp_path):
     (generator, TRL's DPO, PEFT) on the embedded digits through FedMLRunner on sp, with no network."""
     raw = shrink(yaml.safe_load(open(os.path.join(ROOT, "configs", "digits_feddpd.yaml"))))
     raw["train_args"].update(client_num_per_round=2, epochs=1)
-    raw["feddpd"].update(warmup_rounds=0, supplement_every=1, tau=0.0, bank_per_class=4)
+    raw["feddpd"].update(dpo_rounds=1, warmup_rounds=0, supplement_every=1, tau=0.0, bank_per_class=4)
     raw["generator"].update(pretrain_steps=5, sample_steps=3, cache_dir=str(tmp_path / "gen"))
     raw["dpo_args"].update(max_steps=2, batch_size=2, learning_rate=0.5)  # must not reach train_args
     raw.setdefault("run_args", {})["output_dir"] = str(tmp_path / "runs")

@@ -24,7 +24,7 @@ def _tiny_feddpd(tmp_path):
     raw["train_args"]["comm_round"] = ROUNDS
     # supplements after rounds 0 and 2; the kill lands between them, so DPO adapters, supplements and
     # loader states all have to come back from the checkpoint
-    raw["feddpd"].update(schedule="periodic", warmup_rounds=0, supplement_every=2, tau=0.0, bank_per_class=6)
+    raw["feddpd"].update(dpo_rounds=1, schedule="periodic", warmup_rounds=0, supplement_every=2, tau=0.0, bank_per_class=6)
     raw["generator"].update(pretrain_steps=10, sample_steps=4, cache_dir=str(tmp_path / "gen"))
     raw["dpo_args"].update(max_steps=3, batch_size=4)
     raw["run_args"].update(baseline="none", output_dir=str(tmp_path / "runs"))
@@ -272,6 +272,7 @@ def test_feddpd_without_dpo_does_not_depend_on_the_dpo_keys():
         assert _run_identity(base) == _run_identity(changed)
         changed["feddpd"]["supplement_ratio"] = 0.9   # still read
         assert _run_identity(base) != _run_identity(changed)
+    sections["feddpd"]["dpo_rounds"] = 1
     changed = {s: dict(body) for s, body in sections.items()}   # with DPO they matter
     changed["dpo_args"]["max_steps"] = 30
     assert _run_identity(sections) != _run_identity(changed)

@@ -88,7 +88,7 @@ def test_mpi_job_killed_after_a_round_resumes_to_identical_metrics(tmp_path):
     raw = _tiny_feddpd(tmp_path / "gen")
     raw["comm_args"] = {"backend": "MPI"}
     raw["train_args"].update(comm_round=ROUNDS, epochs=2)
-    raw["feddpd"].update(schedule="periodic", supplement_every=2)
+    raw["feddpd"].update(schedule="periodic", supplement_every=2, dpo_rounds=1)
     raw["run_args"].update(checkpoint_every=1, generator_threads=1)
     cf, reference = _reference(tmp_path, raw)
     assert reference["resumed_from_round"] is None

@@ -23,7 +23,7 @@ sys.exit(code if not network_guard.ATTEMPTS else 3)
 def test_whole_job_runs_with_network_forbidden(tmp_path):
     """FedDPD (generator pretraining, TRL's DPO trainer, PEFT) and its FedAvg baseline, offline."""
     raw = shrink(yaml.safe_load(open(os.path.join(ROOT, "configs", "digits_feddpd.yaml"))))
-    raw["feddpd"].update(warmup_rounds=0, supplement_every=1, tau=0.0, bank_per_class=4)
+    raw["feddpd"].update(dpo_rounds=1, warmup_rounds=0, supplement_every=1, tau=0.0, bank_per_class=4)
     raw["generator"].update(pretrain_steps=5, sample_steps=3, cache_dir=str(tmp_path / "gen"))
     raw["dpo_args"].update(max_steps=2, batch_size=2)
     cf, out = tmp_path / "c.yaml", tmp_path / "out"

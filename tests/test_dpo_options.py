@@ -95,6 +95,46 @@ def test_loss_gap_supplies_what_the_client_lacks_and_the_public_gate_admits_the_
     assert sup.stats["classes"][0] == sup.stats["classes"][2] == 0 and sup.stats["classes"][1] == 8  # all there is
 
 
+class TableScorer:
+    """p(label | candidate) looked up by the candidate's index, which IndexGenerator writes into pixel 0."""
+
+    def probs(self, state, images):
+        idx = images.reshape(len(images), -1)[:, 0].round().long()
+        conf = state["conf"][idx]
+        p = ((1 - conf) / (C - 1)).unsqueeze(1).repeat(1, C)
+        labels = images.reshape(len(images), -1)[:, 1].round().long()
+        p[torch.arange(len(p)), labels] = conf
+        return p.numpy()
+
+
+class IndexGenerator(FakeGenerator):
+    def sample(self, class_counts, seed, adapter=None):
+        labels = torch.cat([torch.full((int(n),), c) for c, n in enumerate(class_counts)]).long()
+        x = torch.zeros(len(labels), 1, 4, 4)
+        x.view(len(labels), -1)[:, 0] = torch.arange(len(labels)).float()
+        x.view(len(labels), -1)[:, 1] = labels.float()
+        return x, labels
+
+
+def test_the_loss_gap_rule_never_supplies_what_the_client_does_as_well_on():
+    """Candidates 0-3 are class 0, 4-7 class 1, 8-11 class 2. The global model gives every one p = 0.6; the client
+    knows class 0 (0.9), knows class 1 but candidate 4 (0.1 there, 0.9 else) and lacks class 2 (0.1). Class 1 gets 2
+    of the budget of 10 by its loss-gap mass, but only candidate 4 has l_k > l_g: it is supplied alone."""
+    global_state = {"conf": torch.full((12,), 0.6)}
+    client = {"conf": torch.tensor([0.9] * 4 + [0.1, 0.9, 0.9, 0.9] + [0.1] * 4)}
+    p = policy(gate="global", dpo=False, bank_per_class=4, supplement_ratio=1.0)
+    sup = p.build_supplements(0, global_state, [ClientUpload(0, 10, client)], TableScorer(), IndexGenerator(),
+                              StageTimer())[0]
+    assert sup.stats["allocation"] == [0, 2, 8]
+    picked = sorted(sup.images.reshape(len(sup.images), -1)[:, 0].round().long().tolist())
+    assert picked == [4, 8, 9, 10, 11] and sup.stats["size"] == 5
+    older = policy(gate="global", dpo=False, bank_per_class=4, supplement_ratio=1.0, selection="discrepancy",
+                   discrepancy="ce_gap", tau=0.0)  # the older rule fills a class's share from its best candidates
+    sup = older.build_supplements(0, global_state, [ClientUpload(0, 10, client)], TableScorer(), IndexGenerator(),
+                                  StageTimer())[0]
+    assert sup.stats["size"] == 6 and sup.stats["classes"] == [0, 2, 4]
+
+
 def test_dpo_runs_in_the_first_rounds_only_and_its_samples_keep_serving():
     gen, scorer = FakeGenerator(), LinearScorer(fitted=knows([0, 1, 2]))
     p = policy(dpo_rounds=1)

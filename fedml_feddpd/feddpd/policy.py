@@ -60,7 +60,9 @@ class FedDPDPolicy(SupplementPolicy):
                 score = self._score(scorer.probs(up.state_dict, x), p_global, labels) if budget else None
                 counts = (allocate_classes(score, labels, gate, budget, self.num_classes) if budget
                           else np.zeros(self.num_classes, int))
-                pick = select_top(score, labels, gate, counts) if budget else np.zeros(0, int)
+                # the loss-gap rule keeps only what the client does worse on (a class may get fewer than its share)
+                eligible = gate & (score > 0) if budget and s.selection == "loss_gap" else gate
+                pick = select_top(score, labels, eligible, counts) if budget else np.zeros(0, int)
             sup = out[up.client_id] = self._supplement(x[pick], y[pick], budget, counts)
             sup.stats.update(from_adapters=int((source[pick] >= 0).sum()), **adapted.get(up.client_id, {}))
         return out

@@ -47,6 +47,10 @@ class FedOpt(FedOptAPI):
     the server takes w_global - avg(w_locals) as the gradient of `server_optimizer` (a torch optimizer,
     optrepo.py) at `server_lr`. FedML passes only the learning rate (fedopt_api.py:79-85)."""
 
+    # the round's global model is the server optimizer's step after `_aggregate` (fedopt_api.py:125-130): a supplement
+    # step (fedml_compat.RoundHooks) reads it at the round's end, not the plain average
+    global_set_after_aggregate = True
+
     def __init__(self, args, device, dataset, model):
         super().__init__(args, device, dataset, model)
         # fedopt_api.py:89 takes the trainer's *live* state dict as the round's global model and :115 hands

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import methods
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 # FORMAT stays 1 when a key is added that readers can default: the policy state ("policy" under "server_step")
 # came later, and a checkpoint without it restores as the empty state, which stateless policies (FedDPD,
@@ -46,15 +46,18 @@ NEUTRAL_KEYS = {("run_args", "output_dir"), ("run_args", "torch_threads"), ("run
 
 # Keys added after runs were recorded, with the value that reproduces those runs: at that value a key is left
 # out of a run's identity, so runs made before it existed stay valid (any other value is a different run).
-ADDED_LATER = {("feddpd", "keep_previous"): 0.0}
+ADDED_LATER = {("feddpd", "keep_previous"): 0.0, ("train_args", "supplement"): "none"}
 
 
 def _run_identity(sections: dict) -> dict:
     """The settings a run's numbers depend on: all but NEUTRAL_KEYS, the plugin sections and keys its
     method does not read (methods.Method.reads), and other methods' own train_args keys. So a new FedDPD
     default does not invalidate a finished FedAvg run. Applied to both sides of a comparison."""
-    name = (sections.get("train_args") or {}).get("federated_optimizer")
-    method = methods.REGISTRY.get(name, methods.Method(str(name), ""))
+    train = sections.get("train_args") or {}
+    try:
+        method = methods.of({"supplement": methods.NO_SUPPLEMENT, **train})
+    except ConfigError:  # a run of a method this version does not know: compared key by key
+        method = methods.Method(str(train.get("federated_optimizer")), "")
     others = {k for m in methods.REGISTRY.values() if m is not method for k in m.options} - set(method.options)
     unread = method.unread(sections) if method.unread else {}
     keep = {}
@@ -68,7 +71,8 @@ def _run_identity(sections: dict) -> dict:
                              and not ((section, k) in ADDED_LATER and v == ADDED_LATER[section, k])}
             continue
         keep[section] = {k: v for k, v in body.items() if (section, k) not in NEUTRAL_KEYS
-                         and not (section == "train_args" and k in others)}
+                         and not (section == "train_args" and k in others)
+                         and not ((section, k) in ADDED_LATER and v == ADDED_LATER[section, k])}
     return keep
 
 
@@ -98,7 +102,7 @@ def read_finished(directory: Path, cfg) -> dict | None:
 
 def refuse_unresumable(cfg, out: Path) -> None:
     """--resume of a method whose state checkpoints do not hold: one line (CheckpointError)."""
-    method = methods.get(cfg["federated_optimizer"])
+    method = methods.of(cfg.sections["train_args"])
     if not method.can_resume(cfg.sections):
         raise CheckpointError(f"--resume: {method.name} keeps server or client state that checkpoints do not "
                               f"hold, so it writes none; expected a finished run in {out}: run without --resume")

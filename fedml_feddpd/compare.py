@@ -160,11 +160,11 @@ def longest_first(runs: dict) -> dict:
 def _expected_cost(cfg: RunConfig) -> int:
     """Rank of a run's expected wall time: Balance and Balance@B (a generator draw per client) first, then FedDPD
     with DPO (adapter training and sampling), then every other method."""
-    method, feddpd = cfg.sections["train_args"]["federated_optimizer"], cfg.sections["feddpd"]
-    if method in ("Balance", "Balance@B"):
+    method, feddpd = methods.of(cfg.sections["train_args"]), cfg.sections["feddpd"]
+    if method.policy and method.policy.endswith(("BalancePolicy", "BalanceBudgetPolicy")):
         return 2
     dpo = feddpd["dpo"] and feddpd["dpo_rounds"] > 0 and feddpd["selection"] != "random"
-    return 1 if method == "FedDPD" and dpo else 0
+    return 1 if method.policy and method.policy.endswith("FedDPDPolicy") and dpo else 0
 
 
 def _run_one(cfg: RunConfig, out_dir: str) -> None:
@@ -173,5 +173,5 @@ def _run_one(cfg: RunConfig, out_dir: str) -> None:
 
     quiet_fedml_imports()
     # an unfinished run of a method that writes no checkpoints (methods.Method.resumable) starts over
-    run(cfg, out_dir, show_progress=False, resume=methods.get(cfg["federated_optimizer"]).can_resume(cfg.sections))
+    run(cfg, out_dir, show_progress=False, resume=methods.of(cfg.sections["train_args"]).can_resume(cfg.sections))
 

@@ -1,9 +1,8 @@
 """Load and validate a FedML-style YAML before anything runs.
 
-The file keeps FedML's own `fedml_config.yaml` layout (common_args, data_args, model_args, train_args,
-validation_args, device_args, comm_args, tracking_args) plus this plugin's sections. Every key is
-checked against SCHEMA; the first problem stops the run with one line naming the key and what is
-allowed (`ConfigError`, exit status 2 from the CLI).
+The file keeps FedML's own `fedml_config.yaml` layout (common_args, data_args, model_args, train_args, validation_args,
+device_args, comm_args, tracking_args) plus this plugin's sections. Every key is checked against SCHEMA; the first
+problem stops the run with one line naming the key and what is allowed (`ConfigError`, exit status 2 from the CLI).
 """
 from __future__ import annotations
 
@@ -66,6 +65,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "train_args": {
         "federated_optimizer": _str(),  # a name in methods.REGISTRY (checked in validate)
+        "supplement": _str("none"),  # a supplement method on top of federated_optimizer (methods.of)
         "client_id_list": _str("[]"),
         "client_num_in_total": _int(1),
         "client_num_per_round": _int(1),
@@ -244,7 +244,7 @@ def _check_across_keys(s: dict[str, dict[str, Any]]) -> None:
         raise ConfigError(
             f"data_args.test_fraction: public_fraction + test_fraction must be < 1 to leave data "
             f"for clients, got {data['public_fraction']} + {data['test_fraction']}")
-    method = methods.get(train["federated_optimizer"])
+    method = methods.of(train)
     _check_backend(s, method)
     _check_dropout(s["train_args"], s["comm_args"])
     _check_tls(s["comm_args"])

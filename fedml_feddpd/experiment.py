@@ -81,7 +81,7 @@ class Party:
 
     @property
     def method(self) -> methods.Method:
-        return methods.get(self.args.federated_optimizer)
+        return methods.of(self.cfg.sections["train_args"])
 
 
 def open_party(cfg: RunConfig, rank: Optional[int] = None, role: Optional[str] = None,
@@ -276,7 +276,7 @@ def result_of(exp: Experiment) -> dict:
     evaluated = [r for r in records if "top1" in r]
     ckpt = exp.checkpointer
     return {
-        "method": args.federated_optimizer,
+        "method": exp.party.method.name,
         "dataset": args.dataset,
         "seed": args.random_seed,
         "final": {k: evaluated[-1][k] for k in ("top1", "balanced_accuracy", "per_class_accuracy", "train_loss",
@@ -288,7 +288,7 @@ def result_of(exp: Experiment) -> dict:
         "wall_seconds": (ckpt.elapsed_before if ckpt else 0.0) + time.perf_counter() - exp.started,
         "resumed_from_round": ckpt.resumed_from if ckpt else None,
         "generator": exp.generator_info,
-        "privacy": methods.get(args.federated_optimizer).privacy,
+        "privacy": exp.party.method.privacy,
         "data": {"train_samples": data.fedml_dataset[0], "test_samples": data.fedml_dataset[1],
                  "test_class_counts": np.bincount(np.concatenate([y.numpy() for _, y in data.test_batches]),
                                                   minlength=data.class_num).tolist(),

@@ -162,12 +162,19 @@ class RoundHooks:
                 if trained and cid in trained:
                     w_locals[i] = (w_locals[i][0], trained[cid]) + tuple(w_locals[i][2:])
         w_global = super()._aggregate(w_locals)
-        if uploads is not None:
+        if uploads is not None and getattr(self, "global_set_after_aggregate", False):
+            self._pending_step = uploads  # FedOpt: its server optimizer makes the global model after this
+        elif uploads is not None:
             step(self.round_idx, getattr(self, "aggregated_params", lambda r: r)(w_global), uploads)
         self.server_seconds += time.perf_counter() - start
         return w_global
 
     def _local_test_on_all_clients(self, round_idx):
+        uploads, self._pending_step = getattr(self, "_pending_step", None), None
+        if uploads is not None:  # the round's global model as the API left it, before anything reads it
+            start = time.perf_counter()
+            self._after_aggregation(self.round_idx, copy.deepcopy(self.model_trainer.get_model_params()), uploads)
+            self.server_seconds += time.perf_counter() - start
         self._on_round_end(round_idx + self.round_offset)
 
     _local_test_on_validation_set = _local_test_on_all_clients

@@ -52,6 +52,12 @@ def plugin_methods() -> tuple[str, ...]:
     return tuple(n for n in methods.REGISTRY if n not in FEDML_SP_NAMES)
 
 
+def runs_plugin_method(args) -> bool:
+    """A plugin method, or any optimizer with a supplement on top (train_args.supplement)."""
+    supplemented = getattr(args, "supplement", methods.NO_SUPPLEMENT) != methods.NO_SUPPLEMENT
+    return args.federated_optimizer in plugin_methods() or (supplemented and args.federated_optimizer in methods.REGISTRY)
+
+
 def config_of(args):
     """The validated config behind FedML's `args` (its YAML file, `--cf`), with every key's default
     copied onto `args` where FedML left it unset. Cached on `args`."""
@@ -187,7 +193,7 @@ def register() -> None:
     sp_init = simulator.SimulatorSingleProcess.__init__
 
     def simulator_init(self, args, device, dataset, model, client_trainer=None, server_aggregator=None):
-        if args.federated_optimizer in plugin_methods():
+        if runs_plugin_method(args):
             self.fl_trainer = PluginSimulation(args, device, dataset, model)
             return
         sp_init(self, args, device, dataset, model, client_trainer, server_aggregator)
@@ -197,8 +203,7 @@ def register() -> None:
     silo_init = FedMLRunner._init_cross_silo_runner
 
     def init_cross_silo_runner(self, args, device, dataset, model, client_trainer=None, server_aggregator=None):
-        if args.federated_optimizer in methods.REGISTRY and (args.federated_optimizer in plugin_methods()
-                                                            or args.dataset in PLUGIN_DATASETS):
+        if args.federated_optimizer in methods.REGISTRY and (runs_plugin_method(args) or args.dataset in PLUGIN_DATASETS):
             return PluginSiloParty(args, device, dataset, model)
         return silo_init(self, args, device, dataset, model, client_trainer, server_aggregator)
 

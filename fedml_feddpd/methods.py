@@ -60,6 +60,12 @@ class Method:
     # False (or a function of the sections): the method keeps server or client state that checkpoint.py does not
     # save, so it writes no checkpoints and `run --resume` is refused with one line
     resumable: object = True
+    # an optimizer a supplement method can run on (train_args.supplement); `own_trainer`: its API builds the client
+    # trainer that carries it (FedProx's proximal term, FedNova's and SCAFFOLD's steps), which a supplement keeps;
+    # `uploads_params`: its clients upload their parameters (not deltas), so the server can train them itself
+    composable: bool = False
+    own_trainer: bool = False
+    uploads_params: bool = True
 
     @property
     def supplement(self) -> bool:
@@ -85,7 +91,7 @@ class Method:
     def trainer_class(self):
         if self.trainer:
             return load(self.trainer)
-        if self.policy:
+        if self.policy and not self.own_trainer:
             return load("fedml_feddpd.trainer:SupplementedTrainer")
         return None
 
@@ -107,6 +113,50 @@ def get(name: str) -> Method:
     if name not in REGISTRY:
         raise ConfigError(f"train_args.federated_optimizer: expected one of {', '.join(REGISTRY)}, got {name!r}")
     return REGISTRY[name]
+
+
+NO_SUPPLEMENT = "none"
+
+
+def of(train_args: Mapping) -> Method:
+    """The method a config runs: `federated_optimizer`, with `supplement`'s policy on top unless it is "none"."""
+    base = get(train_args["federated_optimizer"])
+    name = train_args.get("supplement", NO_SUPPLEMENT)
+    if name == NO_SUPPLEMENT:
+        return base
+    if name not in supplement_methods():
+        raise ConfigError(f"train_args.supplement: expected none or one of {', '.join(supplement_methods())}, "
+                          f"got {name!r}")
+    if not base.composable:
+        able = [n for n, m in REGISTRY.items() if m.composable]
+        raise ConfigError(f"train_args.supplement: a supplement runs on {', '.join(able)}; expected none with "
+                          f"federated_optimizer {base.name}, got {name!r}")
+    return compose(base, REGISTRY[name])
+
+
+def compose(base: Method, sup: Method) -> Method:
+    """Supplement method `sup`'s policy on optimizer `base`: the optimizer's API, trainer and own keys, the supplement's
+    reads and privacy note, the backends both run on; resumable when both are. FedAvg + FedDPD runs as FedDPD."""
+    def check(sections: dict) -> None:
+        for part in (base.check, sup.check, lambda s: _composed_check(base, s)):
+            if part is not None:
+                part(sections)
+
+    return Method(f"{sup.name}+{base.name}", f"{sup.summary}, on {base.summary}", api=base.api, api_args=base.api_args,
+                  policy=sup.policy, reads=sup.reads, options=base.options, privacy=sup.privacy,
+                  backends=tuple(b for b in base.backends if b in sup.backends), check=check, unread=sup.unread,
+                  resumable=lambda s: base.can_resume(s) and sup.can_resume(s), own_trainer=base.own_trainer,
+                  uploads_params=base.uploads_params)
+
+
+def _composed_check(base: Method, sections: dict) -> None:
+    feddpd = sections["feddpd"]
+    if base.own_trainer and feddpd["supplement_weight"] != 1:
+        raise ConfigError(f"feddpd.supplement_weight: expected 1 with federated_optimizer {base.name} (its own client "
+                          f"trainer weighs every sample alike), got {feddpd['supplement_weight']!r}")
+    if not base.uploads_params and feddpd["delivery"] == "server":
+        raise ConfigError(f"feddpd.delivery: expected client with federated_optimizer {base.name} (its clients upload "
+                          "updates, not parameters the server could train), got 'server'")
 
 
 def supplement_methods() -> tuple[str, ...]:
@@ -171,10 +221,10 @@ def _merge_unread(*parts) -> Callable[[dict], dict]:
 
 
 # --- the built-in methods ---------------------------------------------------------------------------
-register(Method("FedAvg", "FedML's FedAvg", backends=ALL_BACKENDS))
+register(Method("FedAvg", "FedML's FedAvg", backends=ALL_BACKENDS, composable=True))
 register(Method("FedProx", "FedML's FedProx (proximal term fedprox_mu)",
                 api="fedml.simulation.sp.fedprox.fedprox_trainer:FedProxTrainer", api_args="dataset_first",
-                options={"fedprox_mu": float_key(0.0, default=0.1)}))
+                options={"fedprox_mu": float_key(0.0, default=0.1)}, composable=True, own_trainer=True))
 register(Method("FedDPD", "loss-gap-selected synthetic supplements from a Diffusion-DPO-adapted generator",
                 policy="fedml_feddpd.feddpd.policy:FedDPDPolicy",
                 reads={"feddpd": ALL, "dpo_args": ALL, "generator": ALL}, backends=ALL_BACKENDS,
@@ -204,15 +254,16 @@ register(Method("FedOpt", "FedML's FedOpt: server_optimizer on the pseudo-gradie
                 api="fedml_feddpd.baselines.fedml_sp:FedOpt",
                 options={"server_optimizer": choice_key(("adam", "adagrad", "sgd"), "adam"),
                          "server_lr": float_key(0.0, default=0.01, low_open=True)},
-                resumable=False))  # server optimizer state (baselines/fedml_sp.py)
+                resumable=False, composable=True))  # server optimizer state (baselines/fedml_sp.py)
 register(Method("FedNova", "FedML's FedNova: normalized averaging of local updates",
                 api="fedml_feddpd.baselines.fedml_sp:FedNova", api_args="dataset_first",
                 options={"gmf": float_key(0.0, 1.0, default=0.0, high_open=True),
                          "mu": float_key(0.0, default=0.0),
                          "momentum": float_key(0.0, 1.0, default=0.0, high_open=True),
                          "dampening": float_key(0.0, 1.0, default=0.0)},
-                resumable=lambda s: s["train_args"]["gmf"] == 0))  # server momentum when gmf > 0
+                resumable=lambda s: s["train_args"]["gmf"] == 0,  # server momentum when gmf > 0
+                composable=True, own_trainer=True, uploads_params=False))
 register(Method("SCAFFOLD", "FedML's SCAFFOLD: control variates correct client drift",
                 api="fedml_feddpd.baselines.fedml_sp:SCAFFOLD", api_args="dataset_first",
                 options={"scaffold_server_lr": float_key(0.0, default=1.0, low_open=True)},
-                resumable=False))  # control variates
+                resumable=False, composable=True, own_trainer=True, uploads_params=False))  # control variates

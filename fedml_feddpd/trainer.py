@@ -34,7 +34,9 @@ def tensors_of(batches) -> tuple[torch.Tensor, torch.Tensor]:
 def with_supplement(real: tuple[torch.Tensor, torch.Tensor], supplement, weight: float, batch_size: int,
                     seed: int, space=None) -> DataLoader:
     """A client's loader over its real data plus the supplement (generator space, converted to the model's
-    input by `space`, data.spaces.ModelSpace), yielding (x, y, weight)."""
+    input by `space`, data.spaces.ModelSpace), yielding (x, y, weight); (x, y) when synthetic samples weigh as
+    much as real ones, so that FedML's own client trainers (FedProx, FedNova, SCAFFOLD) read it as they read
+    FedML's loaders. Both give SupplementedTrainer the same losses, and the same shuffle."""
     x, y = real
     w = torch.ones(len(y))
     if supplement is not None and len(supplement.labels):
@@ -42,7 +44,8 @@ def with_supplement(real: tuple[torch.Tensor, torch.Tensor], supplement, weight:
         x = torch.cat([x, space.to_model(images) if space is not None else images])
         y = torch.cat([y, supplement.labels.to(y.dtype)])
         w = torch.cat([w, torch.full((len(supplement.labels),), float(weight))])
-    return DataLoader(TensorDataset(x, y, w), batch_size=batch_size, shuffle=True,
+    tensors = (x, y) if float(weight) == 1.0 else (x, y, w)
+    return DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=True,
                       generator=torch.Generator().manual_seed(seed))
 
 

@@ -82,14 +82,14 @@ def test_supplements_reach_the_clients_sampled_that_round(experiment, traced):
             stats = log[str(cid)]
             assert stats["budget"] == round(0.5 * local_num[cid])
             assert 0 < stats["size"] <= stats["budget"]
-            x, y, w = dataset.tensors
+            x, y = dataset.tensors[:2]  # (x, y, weight) only when synthetic samples weigh otherwise than 1
             assert len(y) == local_num[cid] + stats["size"]
-            synthetic = w != 1.0 if experiment.cfg.sections["feddpd"]["supplement_weight"] != 1.0 else \
-                torch.arange(len(y)) >= local_num[cid]
+            assert len(dataset.tensors) == (2 if experiment.cfg.sections["feddpd"]["supplement_weight"] == 1.0 else 3)
+            synthetic = torch.arange(len(y)) >= local_num[cid]  # real data first
             assert np.bincount(y[synthetic].numpy(), minlength=10).tolist() == stats["classes"]
             assert stats["bytes"] == x[synthetic].numel() * 4 + y[synthetic].numel() * 8
         else:
-            assert not hasattr(dataset, "tensors") or len(dataset.tensors) == 2  # untouched FedML loader
+            assert len(dataset) == local_num[cid]  # its own data only
     assert 1 not in step.log  # nothing after the last round
 
 
@@ -244,8 +244,8 @@ def test_server_delivery_trains_each_upload_on_the_server_and_sends_clients_noth
     assert [r for r, _, _ in before] == [0, 1, 2] and before[2][2] is None  # nothing after the last round
     assert len(averaged) == 5
     assert not step.delivered
-    for loader in exp.api.train_data_local_dict.values():  # clients train on their own data only
-        assert not hasattr(loader.dataset, "tensors") or len(loader.dataset.tensors) == 2
+    for cid, loader in exp.api.train_data_local_dict.items():  # clients train on their own data only
+        assert len(loader.dataset) == exp.data.fedml_dataset[4][cid]
     for round_idx in (0, 1):
         _, uploads, trained = before[round_idx]
         log = step.log[round_idx]

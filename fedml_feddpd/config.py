@@ -7,7 +7,6 @@ allowed (`ConfigError`, exit status 2 from the CLI).
 """
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -27,6 +26,7 @@ from .schema import float_key as _float
 from .schema import int_key as _int
 from .schema import off_key as _off
 from .schema import str_key as _str
+from .schema import suggest as _suggest
 
 DATASETS = tuple(CATALOG)
 BACKENDS = ("sp", "MPI", "GRPC")  # FedML's sp and MPI simulation, gRPC cross-silo (fedml_feddpd/distributed/)
@@ -76,6 +76,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "learning_rate": _float(0.0, default=REQUIRED, low_open=True),
         "weight_decay": _float(0.0, default=0.0),
         "min_clients_per_round": _int(1, 1),  # gRPC with round_timeout_s: fewer answers stop the run
+        # the most samples a client may report (its upload's weight in the average); 0 = no bound (uploads.py)
+        "max_client_samples": _int(0, 0),
         # + each registered method's own keys (methods.all_options(), e.g. FedProx's fedprox_mu)
     },
     "validation_args": {"frequency_of_the_test": _int(1, 1)},
@@ -157,11 +159,6 @@ def _dataclass_for(section: str):
     from .generation.config import DPOSettings, GeneratorConfig
 
     return {"generator": GeneratorConfig, "dpo_args": DPOSettings}[section]
-
-
-def _suggest(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 @dataclass

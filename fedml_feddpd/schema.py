@@ -1,6 +1,7 @@
 """What a YAML key may hold: a `Key` and its builders. Pure data; config.py and methods.py use it."""
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -51,6 +52,12 @@ def str_key(default=REQUIRED) -> Key:
 def off_key(key: str) -> Key:
     # This plugin never talks to FedML's cloud or wandb; accept the key only when it says so.
     return Key(bool, False, f"false ({key} would contact a server; fedml-feddpd runs offline)", lambda v: v is False)
+
+
+def suggest(name: str, options) -> str:
+    """The hint " (did you mean 'x'?)" naming the option closest to a misspelt `name`, or ""."""
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _type_ok(kind: type, value: Any) -> bool:

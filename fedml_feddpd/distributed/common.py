@@ -13,8 +13,9 @@ import pickle
 import time
 from typing import Callable, Optional
 
-from ..errors import PartyError
+from ..errors import PartyError, UploadError
 from ..experiment import Experiment, Party, RoundRecorder, execute, open_party, server_step
+from ..uploads import model_spec, report_problem, upload_problem
 from .client_core import ClientCore, supplement_summary
 
 __all__ = ["ClientCore", "KEY_CLIENT_STATE", "KEY_ROUND", "KEY_SESSION", "KEY_SUPPLEMENT", "KEY_TRAINED_ON", "Party",
@@ -62,6 +63,11 @@ class ServerCore:
         self.round_idx = -1
         self.round_clients: list[int] = []
         self.round_missing: list[int] = []  # selected clients whose upload did not come (gRPC round_timeout_s)
+        self.round_rejected: dict[int, str] = {}  # client id -> why its upload was dropped (gRPC, drop_bad_uploads)
+        # Every upload is checked before aggregation (uploads.py). With `drop_bad_uploads` (gRPC: any certified
+        # party may be faulty or hostile) a bad one is recorded and left out; otherwise (MPI: one trusted job) it
+        # stops the run.
+        self.upload_spec, self.drop_bad_uploads = model_spec(party.model.state_dict()), False
         self.client_seconds = self.server_seconds = 0.0
         self.recorder = RoundRecorder(self, party, show_progress)
         # On sp the supplement goes into the client's loader at once; here it waits for the message that
@@ -155,7 +161,7 @@ class ServerCore:
     def start_round(self, round_idx: int, clients) -> None:
         self.round_idx = round_idx
         self.round_clients = [int(c) for c in clients]
-        self.round_missing = []
+        self.round_missing, self.round_rejected = [], {}
         self.client_seconds = self.server_seconds = 0.0
         self._round_sent = time.perf_counter()
 
@@ -175,8 +181,10 @@ class ServerCore:
             del self.sent[key]
 
     def answered(self, clients, missing) -> None:
-        """Of the round's clients, only `clients` (in rank order) uploaded: the round aggregates them alone."""
-        self.round_clients, self.round_missing = [int(c) for c in clients], [int(c) for c in missing]
+        """Of the round's clients, only `clients` (in rank order) uploaded uploads that passed the checks: the round
+        aggregates them alone. `missing`: the others, of which those in round_rejected did upload."""
+        self.round_clients = [int(c) for c in clients]
+        self.round_missing = [int(c) for c in missing if int(c) not in self.round_rejected]
 
     def sent_model(self, round_idx: int, model_state, supplement=None) -> None:
         """Count one server -> client message starting `round_idx`: its model and supplement bytes."""
@@ -190,12 +198,22 @@ class ServerCore:
             self.start_round(round_idx, clients)
 
     def received(self, round_idx: int, cid: int, model_state, report: Optional[dict],
-                 client_state: Optional[dict] = None) -> None:
-        if client_state is not None:
-            self.client_state[int(cid)] = client_state
+                 client_state: Optional[dict] = None, num_samples=None) -> Optional[str]:
+        """Note client `cid`'s upload (its bytes, report and state). A bad one (uploads.py: the model, its sample
+        count, the report and state beside it) stops the run, or with `drop_bad_uploads` is recorded in
+        round_rejected and nothing else of it is kept: then the reason is returned (None for a good upload)."""
         c = self._comm(round_idx)
         c["up_model_bytes"] += self.size_of(model_state)
         c["messages_up"] += 1
+        why = (upload_problem(num_samples, model_state, self.upload_spec, self.party.cfg["max_client_samples"])
+               or report_problem(report, int(cid), client_state))
+        if why and not self.drop_bad_uploads:
+            raise UploadError(f"round {round_idx}: client {cid}'s upload cannot be aggregated: {why}")
+        if why:
+            self.round_rejected[int(cid)] = why
+            return why
+        if client_state is not None:
+            self.client_state[int(cid)] = client_state
         if report is not None:
             self.reports.setdefault(round_idx, {})[int(cid)] = report
             self.client_seconds += float(report.get("seconds", 0.0))

@@ -1,7 +1,7 @@
 """The aggregators of a gRPC cross-silo server (silo_server.py runs them): FedML's cross-silo FedMLAggregator and
 ServerAggregator, subclassed. Averaging and the server step are ServerCore.aggregate's (sp's formula); a round
-averages only the uploads that came that round, and for supplement methods the result is one payload per client,
-which carries the client's supplement (silo_server.py's docstring).
+averages only the uploads of that round that passed the checks (uploads.py), and for supplement methods the
+result is one payload per client, which carries the client's supplement (silo_server.py's docstring).
 """
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ class FedDPDSiloAggregator(FedMLAggregator):
 
     def aggregate(self):
         # fedml_aggregator.py:78-106 averages every index's latest upload, answered this round or not: here
-        # only this round's, so FedAvg's sample-count weights are renormalised over the clients that answered.
+        # only this round's, so FedAvg's sample-count weights are renormalised over the clients that answered
+        # (a rejected upload was never kept, silo_server.py: it is averaged as little as a missing one).
         flags = self.flag_client_model_uploaded_dict
         answered = [i for i in range(self.client_num) if flags[i]]
         for i in range(self.client_num):

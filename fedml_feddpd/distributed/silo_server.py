@@ -12,6 +12,8 @@ models went out, or at once without those its model could not reach: FedML's han
 (fedml_server_manager.py:174-251) waits for every client, so the round's close is ours (`_close_round`).
 Every model message carries its round (`KEY_ROUND`); an upload for another round is dropped with one line.
 A client that restarts announces a new session (`KEY_SESSION`) and gets the model at the next round start.
+Every upload is checked before FedML's aggregator keeps it (ServerCore.received, uploads.py): a bad one is dropped
+with one line, recorded (`rejected_uploads`), and the round goes on without it, as without a silent client.
 
 --resume: the server checkpoints like sp (checkpoint.Checkpointer over ServerCore). Each upload carries the
 client's state after the round (`KEY_CLIENT_STATE`: its loader's shuffle state and its torch RNG state), which
@@ -45,6 +47,7 @@ class FedDPDSiloServerManager(_WatchfulMixin, FedMLServerManager):
         self.round_timeout_s = float(getattr(args, "round_timeout_s", 0.0))
         self.min_clients = int(getattr(args, "min_clients_per_round", 1))
         self.reached: set[int] = set()  # ranks the open round's model reached
+        self.rejected: set[int] = set()  # ranks whose upload of the open round failed the checks (uploads.py)
         self.reached_round = -1
         self.sessions: dict[int, str] = {}  # rank -> the session its latest ONLINE status named
         self.deadline = None  # when the open round closes without the clients still silent
@@ -76,14 +79,23 @@ class FedDPDSiloServerManager(_WatchfulMixin, FedMLServerManager):
             self._say(f"dropped client rank {sender}'s upload for round {msg_params.get(KEY_ROUND)}: this server did "
                       f"not send it that round's model")
             return
-        report = msg_params.get(KEY_TRAINED_ON)
-        position = self.client_real_ids.index(sender)
-        cid = report["client"] if report else self.core.round_clients[position]
-        model = msg_params.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS)
-        self.core.received(self.args.round_idx, cid, model, report, msg_params.get(KEY_CLIENT_STATE))
-        self.aggregator.add_local_trained_result(position, model, msg_params.get(MyMessage.MSG_ARG_KEY_NUM_SAMPLES))
-        flags = self.aggregator.flag_client_model_uploaded_dict
-        if all(flags[self.client_real_ids.index(r)] for r in self.reached):
+        position, flags = self.client_real_ids.index(sender), self.aggregator.flag_client_model_uploaded_dict
+        if flags[position] or sender in self.rejected:
+            self._say(f"dropped client rank {sender}'s second upload for round {self.args.round_idx}")
+            return
+        # the client this rank was sent (fedml_server_manager.py:225-231); the upload is checked before FedML's
+        # aggregator keeps it: a bad one is dropped and the round goes on without it, as without a silent client
+        cid, model = self.core.round_clients[position], msg_params.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS)
+        samples = msg_params.get(MyMessage.MSG_ARG_KEY_NUM_SAMPLES)
+        why = self.core.received(self.args.round_idx, cid, model, msg_params.get(KEY_TRAINED_ON),
+                                 msg_params.get(KEY_CLIENT_STATE), samples)
+        if why:
+            self.rejected.add(sender)
+            self._say(f"rejected client rank {sender}'s upload for round {self.args.round_idx} (client {cid}): {why}; "
+                      f"the round goes on without it")
+        else:
+            self.aggregator.add_local_trained_result(position, model, samples)
+        if all(flags[self.client_real_ids.index(r)] or r in self.rejected for r in self.reached):
             self._close_round()
 
     def _on_tick(self):
@@ -100,17 +112,21 @@ class FedDPDSiloServerManager(_WatchfulMixin, FedMLServerManager):
     def _close_round(self):
         # fedml_server_manager.py:187-251 without its MLOps, wandb and Context calls: aggregate (only the
         # uploads of this round), test, select the next round's clients, send each its model, count the round.
-        r, flags = self.args.round_idx, self.aggregator.flag_client_model_uploaded_dict
-        missing = [rank for i, rank in enumerate(self.client_real_ids) if not flags[i]]
+        r, flags, ids = self.args.round_idx, self.aggregator.flag_client_model_uploaded_dict, self.client_real_ids
+        missing = [rank for i, rank in enumerate(ids) if not flags[i] and rank not in self.rejected]
+        rejected, ranks = sorted(self.rejected), (lambda rs: ", ".join(map(str, rs)))
+        averaged = len(ids) - len(missing) - len(rejected)
+        if averaged < self.min_clients and not rejected:
+            raise PartyTimeout(f"round {r}: {averaged} of {len(ids)} clients answered within comm_args.round_timeout_s "
+                               f"= {self.round_timeout_s:g} s (missing client rank(s) {ranks(missing)}); "
+                               f"train_args.min_clients_per_round is {self.min_clients}")
+        if averaged < self.min_clients:
+            raise PartyError(f"round {r}: {averaged} of {len(ids)} clients' uploads can be averaged (rejected client "
+                             f"rank(s) {ranks(rejected)}" + (f"; missing {ranks(missing)}" if missing else "")
+                             + f"); train_args.min_clients_per_round is {self.min_clients}")
         if missing:
-            answered = len(self.client_real_ids) - len(missing)
-            if answered < self.min_clients:
-                raise PartyTimeout(f"round {r}: {answered} of {len(self.client_real_ids)} clients answered within "
-                                   f"comm_args.round_timeout_s = {self.round_timeout_s:g} s (missing client rank(s) "
-                                   f"{', '.join(map(str, missing))}); train_args.min_clients_per_round is "
-                                   f"{self.min_clients}")
-            self._say(f"round {r} goes on without client rank(s) {', '.join(map(str, missing))}: "
-                      f"averaging the {answered} upload(s) that came")
+            self._say(f"round {r} goes on without client rank(s) {ranks(missing)}: averaging the {averaged} "
+                      f"upload(s) that came")
         self.deadline = None
         global_model_params, _, _ = self.aggregator.aggregate()
         self.aggregator.test_on_server_for_all_clients(r)
@@ -137,7 +153,7 @@ class FedDPDSiloServerManager(_WatchfulMixin, FedMLServerManager):
                       if self.resume_sending is not None else self.args.round_idx + 1)
             self.core.begin_round(starts, self.data_silo_index_list)
             if starts != self.reached_round:
-                self.reached, self.reached_round = set(), starts
+                self.reached, self.rejected, self.reached_round = set(), set(), starts
             message.add_params(KEY_ROUND, starts)
         if self.round_timeout_s > 0 and self.is_initialized and receiver != 0:
             # a client that does not take its model now misses the round (a dead one refuses at once)
@@ -220,7 +236,7 @@ def run_server(party, clients: int, show_progress: bool, out_dir=None, state=Non
     args = party.args
     [train_num, _, train_global, test_global, local_num, local_train, local_test, _] = party.data.fedml_dataset
     core = ServerCore(party, show_progress, size_of=encoded_size)
-    core.resumable = True
+    core.resumable = core.drop_bad_uploads = True
     holder = {}
     server_aggregator = FedDPDServerAggregator(party.model, args, core, next_clients=lambda: holder["agg"].next_clients())
     server_aggregator.set_id(0)

@@ -39,6 +39,7 @@ setup(
         "safetensors",
     ],
     # mpi4py's wheels load the system MPI at run time (Debian: openmpi-bin libopenmpi-dev; .ci/run installs it)
-    extras_require={"test": ["pytest>=7", "pytest-timeout", "mpi4py>=4"]},
+    # hypothesis: the fuzz tests of the wire format, the YAML loader and the ip config (tests/test_fuzz.py)
+    extras_require={"test": ["pytest>=7", "pytest-timeout", "mpi4py>=4", "hypothesis>=6.100"]},
     entry_points={"console_scripts": ["feddpd=fedml_feddpd.cli:main"]},
 )

@@ -46,7 +46,10 @@ NEUTRAL_KEYS = {("run_args", "output_dir"), ("run_args", "torch_threads"), ("run
 
 # Keys added after runs were recorded, with the value that reproduces those runs: at that value a key is left
 # out of a run's identity, so runs made before it existed stay valid (any other value is a different run).
-ADDED_LATER = {("feddpd", "keep_previous"): 0.0, ("train_args", "supplement"): "none"}
+# max_client_samples changes the numbers only when it rejects an upload (gRPC goes on without it; sp and MPI
+# stop), but a bound is part of the aggregation rule: a run or checkpoint made under another bound is another run.
+ADDED_LATER = {("feddpd", "keep_previous"): 0.0, ("train_args", "max_client_samples"): 0,
+               ("train_args", "supplement"): "none"}
 
 
 def _run_identity(sections: dict) -> dict:
@@ -67,13 +70,16 @@ def _run_identity(sections: dict) -> dict:
                 continue
             wanted, unused = method.reads[section], unread.get(section) or ()
             keep[section] = {k: v for k, v in body.items() if (wanted is methods.ALL or k in wanted)
-                             and k not in unused
-                             and not ((section, k) in ADDED_LATER and v == ADDED_LATER[section, k])}
+                             and k not in unused and not _as_before(section, k, v)}
             continue
         keep[section] = {k: v for k, v in body.items() if (section, k) not in NEUTRAL_KEYS
-                         and not (section == "train_args" and k in others)
-                         and not ((section, k) in ADDED_LATER and v == ADDED_LATER[section, k])}
+                         and not (section == "train_args" and k in others) and not _as_before(section, k, v)}
     return keep
+
+
+def _as_before(section: str, key: str, value) -> bool:
+    """A key added later, at the value that reproduces the runs made before it (ADDED_LATER)."""
+    return (section, key) in ADDED_LATER and value == ADDED_LATER[section, key]
 
 
 def _first_difference(a: dict, b: dict, what: str = "checkpoint") -> str:

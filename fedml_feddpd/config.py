@@ -6,7 +6,6 @@ problem stops the run with one line naming the key and what is allowed (`ConfigE
 """
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -19,13 +18,15 @@ from .feddpd import DISCREPANCIES, GATES, PAIRINGS, SCHEDULES, SELECTIONS, FedDP
 from .errors import ConfigError
 from .datasets import DATASETS as CATALOG
 from .datasets import check_data_args
-from .schema import REQUIRED, Key, validate_value
+from .schema import TLS_KEYS  # noqa: F401 (distributed/tls.py imports it from here)
+from .schema import REQUIRED, Key, check_size, check_tls, key_name, validate_value
 from .schema import bool_key as _bool
 from .schema import choice_key as _choice
 from .schema import float_key as _float
 from .schema import int_key as _int
 from .schema import off_key as _off
 from .schema import str_key as _str
+from .schema import suggest as _suggest
 
 DATASETS = tuple(CATALOG)
 BACKENDS = ("sp", "MPI", "GRPC")  # FedML's sp and MPI simulation, gRPC cross-silo (fedml_feddpd/distributed/)
@@ -76,6 +77,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "learning_rate": _float(0.0, default=REQUIRED, low_open=True),
         "weight_decay": _float(0.0, default=0.0),
         "min_clients_per_round": _int(1, 1),  # gRPC with round_timeout_s: fewer answers stop the run
+        # the most samples a client may report (its upload's weight in the average); 0 = no bound (uploads.py)
+        "max_client_samples": _int(0, 0),
         # + each registered method's own keys (methods.all_options(), e.g. FedProx's fedprox_mu)
     },
     "validation_args": {"frequency_of_the_test": _int(1, 1)},
@@ -159,11 +162,6 @@ def _dataclass_for(section: str):
     return {"generator": GeneratorConfig, "dpo_args": DPOSettings}[section]
 
 
-def _suggest(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 @dataclass
 class RunConfig:
     """The validated YAML: `sections[section][key]` plus the flat view FedML's `args` uses."""
@@ -192,6 +190,7 @@ def schema() -> dict[str, dict[str, Key]]:
 
 def validate(raw: Any, source: str = "<config>") -> RunConfig:
     SCHEMA = schema()  # noqa: N806 (the module's SCHEMA plus the methods' keys)
+    check_size(raw, source)
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a YAML mapping of sections (common_args, data_args, ...), "
                           f"got {type(raw).__name__}")
@@ -199,7 +198,7 @@ def validate(raw: Any, source: str = "<config>") -> RunConfig:
     known = list(SCHEMA) + list(DATACLASS_SECTIONS)
     for name, body in raw.items():
         if name not in known:
-            raise ConfigError(f"{name}: unknown section{_suggest(str(name), known)}; expected one of "
+            raise ConfigError(f"{key_name(name)}: unknown section{_suggest(str(name), known)}; expected one of "
                               + ", ".join(known))
         if body is None:
             body = {}
@@ -208,7 +207,7 @@ def validate(raw: Any, source: str = "<config>") -> RunConfig:
         allowed = SCHEMA[name] if name in SCHEMA else [f.name for f in fields(_dataclass_for(name))]
         for key in body:
             if key not in allowed:
-                raise ConfigError(f"{name}.{key}: unknown key{_suggest(str(key), allowed)}; "
+                raise ConfigError(f"{name}.{key_name(key)}: unknown key{_suggest(str(key), allowed)}; "
                                   f"allowed: {', '.join(allowed)}")
     for name, keys in SCHEMA.items():
         body = raw.get(name) or {}
@@ -247,36 +246,13 @@ def _check_across_keys(s: dict[str, dict[str, Any]]) -> None:
     method = methods.of(train)
     _check_backend(s, method)
     _check_dropout(s["train_args"], s["comm_args"])
-    _check_tls(s["comm_args"])
+    check_tls(s["comm_args"])
     if method.check is not None:
         method.check(s)
     if data["validation_fraction"] + data["oracle_fraction"] >= 1.0:
         raise ConfigError("data_args.oracle_fraction: validation_fraction + oracle_fraction must be < 1 to leave "
                           "clients data")
     check_data_args(data, model["model"])
-
-
-TLS_KEYS = ("ca_cert", "cert", "key")
-
-
-def _check_tls(comm: dict[str, Any]) -> None:
-    """comm_args.tls: {} or all of ca_cert, cert and key, each an existing file."""
-    tls = comm["tls"] = dict(comm["tls"])  # the config's own copy, not the schema's default
-    if not tls:
-        return
-    for key in tls:
-        if key not in TLS_KEYS:
-            raise ConfigError(f"comm_args.tls.{key}: unknown key{_suggest(str(key), TLS_KEYS)}; allowed: "
-                              f"{', '.join(TLS_KEYS)}")
-    for key in TLS_KEYS:
-        where = f"comm_args.tls.{key}"
-        if key not in tls:
-            raise ConfigError(f"{where}: missing; comm_args.tls needs all of {', '.join(TLS_KEYS)} "
-                              f"(`python -m fedml_feddpd certs` makes them)")
-        if not isinstance(tls[key], str) or not tls[key]:
-            raise ConfigError(f"{where}: expected a file path, got {tls[key]!r}")
-        if not os.path.isfile(tls[key]):
-            raise ConfigError(f"{where}: file not found: {tls[key]}")
 
 
 def _check_backend(s: dict[str, dict[str, Any]], method: methods.Method) -> None:
@@ -316,5 +292,9 @@ def load_config(path: str | os.PathLike) -> RunConfig:
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line (a ReaderError's has 2)
+            raise ConfigError(f"{path}:{where} not valid YAML ({problem})") from None
+        except (ValueError, RecursionError) as exc:  # not UTF-8, a 5,000-digit integer, 2001-13-45, deep nesting
+            raise ConfigError(f"{path}: not valid YAML ({type(exc).__name__}: {' '.join(str(exc).split())[:100]})") \
+                from None
     return validate(raw, path)

@@ -190,7 +190,10 @@ class RoundRecorder:
 
         record = {"round": round_idx, "clients": list(self.api.round_clients),
                   "client_seconds": self.api.client_seconds, "server_seconds": self.api.server_seconds,
-                  "missing_clients": list(getattr(self.api, "round_missing", []))}  # gRPC round_timeout_s
+                  "missing_clients": list(getattr(self.api, "round_missing", [])),  # gRPC round_timeout_s
+                  # gRPC: uploads the server dropped before aggregation, {client id: why} (uploads.py)
+                  "rejected_uploads": {str(c): why for c, why in sorted(getattr(self.api, "round_rejected",
+                                                                                 {}).items())}}
         if self.server_step is not None and round_idx in self.server_step.log:
             record["server_step"] = self.server_step.log[round_idx]
         if self.data.validation_batches is not None:  # small, and what defaults are chosen on: every round

@@ -120,6 +120,10 @@ class RoundHooks:
         self.round_clients: list[int] = []
         self.client_seconds = 0.0
         self.server_seconds = 0.0
+        from .uploads import model_spec
+
+        # what every upload must match (uploads.py); the global model's keys, shapes and dtypes never change
+        self._upload_spec = model_spec(self.model_trainer.model.state_dict())
         for client in self.client_list:
             client.train = self._timed(client.train)
 
@@ -144,6 +148,14 @@ class RoundHooks:
 
     def _aggregate(self, w_locals):
         start = time.perf_counter()
+        from .uploads import check_upload
+
+        # Every upload is checked before FedML averages it (fedavg_api.py:150-158 would average NaN or another
+        # model's shapes as they come): entries are (samples, params, ...), SCAFFOLD's params its weights delta.
+        # sp is one trusted process, so a bad upload is a fault: one line naming the client stops the run.
+        for cid, entry in zip(self.round_clients, w_locals):
+            check_upload(self.round_idx, cid, entry[0], entry[1], self._upload_spec,
+                         getattr(self.args, "max_client_samples", 0))
         step, uploads = self._after_aggregation, None
         if step is not None:
             from .supplement import ClientUpload

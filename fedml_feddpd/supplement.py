@@ -23,6 +23,7 @@ from .errors import PrivacyBoundaryError
 from .feddpd import FedDPDSettings, client_budget
 from .scorer import Scorer
 from .threads import torch_threads
+from .uploads import mismatch, model_spec
 
 
 @dataclass(frozen=True)
@@ -225,22 +226,22 @@ class StageTimer:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
-def check_boundary(uploads, model_shapes: dict) -> None:
+def check_boundary(uploads, spec: dict) -> None:
     """The privacy boundary as code: each upload is a ClientUpload (frozen: nothing can be attached)
-    whose state dict holds exactly the model's parameters and buffers, with their shapes."""
+    whose state dict holds exactly the model's parameters and buffers, with their shapes and dtypes
+    (`spec`: uploads.model_spec; uploads.mismatch is the check every upload passed before aggregation)."""
     for up in uploads:
         if type(up) is not ClientUpload:
             raise PrivacyBoundaryError(f"server step received a {type(up).__name__}; only ClientUpload(client_id, "
                                        "num_samples, state_dict) may cross")
-        extra = sorted(set(up.state_dict) - set(model_shapes))
+        extra = sorted(set(up.state_dict) - set(spec))
         if extra:
             raise PrivacyBoundaryError(f"client {up.client_id}'s upload carries {extra[0]!r}, which is not a model "
                                        "parameter; only parameters and the sample count cross")
-        bad = [k for k, shape in model_shapes.items() if k not in up.state_dict
-               or tuple(up.state_dict[k].shape) != shape]
-        if bad or not isinstance(up.num_samples, int):
+        why = mismatch(up.state_dict, spec)
+        if why or not isinstance(up.num_samples, int):
             raise PrivacyBoundaryError(f"client {up.client_id}'s upload does not match the model "
-                                       f"({bad[0] if bad else 'num_samples'})")
+                                       f"({why or 'num_samples'})")
 
 
 class ServerStep:
@@ -251,7 +252,7 @@ class ServerStep:
                  deliver: Callable[[int, Supplement], None]):
         self.policy, self.scorer, self.generator = policy, scorer, generator
         self.last_round, self.deliver = last_round, deliver
-        self._shapes = {k: tuple(v.shape) for k, v in scorer.model.state_dict().items()}
+        self._spec = model_spec(scorer.model.state_dict())
         self.log: dict[int, dict] = {}
         self.delivered: dict[int, Supplement] = {}  # what each client holds now (checkpoints restore it)
         self.status: Optional[Callable[[str], None]] = None  # the runner points this at its progress bar
@@ -262,7 +263,7 @@ class ServerStep:
         return self.policy.settings.delivery == "server"
 
     def _build(self, round_idx: int, global_state: dict, uploads: list[ClientUpload], timer) -> dict:
-        check_boundary(uploads, self._shapes)
+        check_boundary(uploads, self._spec)
         return self.policy.build_supplements(round_idx, global_state, uploads, self.scorer, self.generator, timer)
 
     def before_aggregation(self, round_idx: int, uploads: list[ClientUpload],

@@ -162,6 +162,7 @@ def _manager(round_idx, uploaded=(), reached=(1, 2, 3)):
     m = FedDPDSiloServerManager.__new__(FedDPDSiloServerManager)
     m.args = SimpleNamespace(round_idx=round_idx, client_num_per_round=3, client_num_in_total=3)
     m.client_real_ids, m.reached, m.round_timeout_s, m.min_clients = [1, 2, 3], set(reached), 5.0, 2
+    m.rejected = set()
     m.aggregator = SimpleNamespace(flag_client_model_uploaded_dict={i: i + 1 in uploaded for i in range(3)})
     return m
 

@@ -1,5 +1,5 @@
 """What the MPI and gRPC backends share: the server's round bookkeeping, the client's supplement-aware
-data, and the result of a run.
+data (ClientCore, in client_core.py) and the result of a run.
 
 Both backends use FedML's own managers (subclassed in `mpi.py` and `silo_*.py`); this module holds no
 transport. Every party is built by experiment.open_party, the server side by experiment.server_step,
@@ -9,13 +9,14 @@ writes the same `metrics.json` as sp, plus per-round communication bytes and wha
 from __future__ import annotations
 
 import copy
-import hashlib
 import pickle
 import time
 from typing import Callable, Optional
 
-from ..errors import PartyError
+from ..errors import PartyError, UploadError
 from ..experiment import Experiment, Party, RoundRecorder, execute, open_party, server_step
+from ..uploads import model_spec, report_problem, upload_problem
+from .client_core import ClientCore, supplement_summary
 
 __all__ = ["ClientCore", "KEY_CLIENT_STATE", "KEY_ROUND", "KEY_SESSION", "KEY_SUPPLEMENT", "KEY_TRAINED_ON", "Party",
            "PartyError", "ServerCore", "open_party"]
@@ -29,25 +30,6 @@ KEY_SESSION = "feddpd_session"            # gRPC client -> server status: one id
 # client -> server (gRPC, MPI), with each upload when the server checkpoints: the trained client's loader shuffle
 # state and the client process's torch RNG state after the round; sent back in the first message of a resumed run.
 KEY_CLIENT_STATE = "feddpd_client_state"
-
-
-def supplement_digest(supplement) -> Optional[str]:
-    """sha256 of a supplement's images and labels: the server and the client compute it on their own copies."""
-    if supplement is None:
-        return None
-    h = hashlib.sha256(supplement.images.contiguous().numpy().tobytes())
-    h.update(supplement.labels.contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def supplement_summary(supplement, num_classes: int) -> Optional[dict]:
-    """Size, per-class counts and digest of a supplement (the server's log and the client's report match)."""
-    if supplement is None:
-        return None
-    import numpy as np
-
-    return {"size": int(len(supplement.labels)), "sha256": supplement_digest(supplement),
-            "classes": np.bincount(supplement.labels.numpy(), minlength=num_classes).tolist()}
 
 
 def pickled_size(obj) -> int:
@@ -81,6 +63,11 @@ class ServerCore:
         self.round_idx = -1
         self.round_clients: list[int] = []
         self.round_missing: list[int] = []  # selected clients whose upload did not come (gRPC round_timeout_s)
+        self.round_rejected: dict[int, str] = {}  # client id -> why its upload was dropped (gRPC, drop_bad_uploads)
+        # Every upload is checked before aggregation (uploads.py). With `drop_bad_uploads` (gRPC: any certified
+        # party may be faulty or hostile) a bad one is recorded and left out; otherwise (MPI: one trusted job) it
+        # stops the run.
+        self.upload_spec, self.drop_bad_uploads = model_spec(party.model.state_dict()), False
         self.client_seconds = self.server_seconds = 0.0
         self.recorder = RoundRecorder(self, party, show_progress)
         # On sp the supplement goes into the client's loader at once; here it waits for the message that
@@ -174,7 +161,7 @@ class ServerCore:
     def start_round(self, round_idx: int, clients) -> None:
         self.round_idx = round_idx
         self.round_clients = [int(c) for c in clients]
-        self.round_missing = []
+        self.round_missing, self.round_rejected = [], {}
         self.client_seconds = self.server_seconds = 0.0
         self._round_sent = time.perf_counter()
 
@@ -194,8 +181,10 @@ class ServerCore:
             del self.sent[key]
 
     def answered(self, clients, missing) -> None:
-        """Of the round's clients, only `clients` (in rank order) uploaded: the round aggregates them alone."""
-        self.round_clients, self.round_missing = [int(c) for c in clients], [int(c) for c in missing]
+        """Of the round's clients, only `clients` (in rank order) uploaded uploads that passed the checks: the round
+        aggregates them alone. `missing`: the others, of which those in round_rejected did upload."""
+        self.round_clients = [int(c) for c in clients]
+        self.round_missing = [int(c) for c in missing if int(c) not in self.round_rejected]
 
     def sent_model(self, round_idx: int, model_state, supplement=None) -> None:
         """Count one server -> client message starting `round_idx`: its model and supplement bytes."""
@@ -209,12 +198,22 @@ class ServerCore:
             self.start_round(round_idx, clients)
 
     def received(self, round_idx: int, cid: int, model_state, report: Optional[dict],
-                 client_state: Optional[dict] = None) -> None:
-        if client_state is not None:
-            self.client_state[int(cid)] = client_state
+                 client_state: Optional[dict] = None, num_samples=None) -> Optional[str]:
+        """Note client `cid`'s upload (its bytes, report and state). A bad one (uploads.py: the model, its sample
+        count, the report and state beside it) stops the run, or with `drop_bad_uploads` is recorded in
+        round_rejected and nothing else of it is kept: then the reason is returned (None for a good upload)."""
         c = self._comm(round_idx)
         c["up_model_bytes"] += self.size_of(model_state)
         c["messages_up"] += 1
+        why = (upload_problem(num_samples, model_state, self.upload_spec, self.party.cfg["max_client_samples"])
+               or report_problem(report, int(cid), client_state))
+        if why and not self.drop_bad_uploads:
+            raise UploadError(f"round {round_idx}: client {cid}'s upload cannot be aggregated: {why}")
+        if why:
+            self.round_rejected[int(cid)] = why
+            return why
+        if client_state is not None:
+            self.client_state[int(cid)] = client_state
         if report is not None:
             self.reports.setdefault(round_idx, {})[int(cid)] = report
             self.client_seconds += float(report.get("seconds", 0.0))
@@ -258,63 +257,3 @@ class ServerCore:
         result["comm_bytes_total"] = {k: sum(c[k] for c in self.comm.values())
                                       for k in ("down_model_bytes", "down_supplement_bytes", "up_model_bytes")}
         return result
-
-
-class ClientCore:
-    """A client party's data: its real loaders (built from the seed like every rank's) and, for supplement
-    methods, the delivery that replaces a client's loader when a supplement arrives, as on sp."""
-
-    def __init__(self, party: Party):
-        from ..trainer import SupplementDelivery
-
-        self.party = party
-        args = party.args
-        self.last_seconds = 0.0  # the latest train() call's seconds (timed)
-        self.loaders = party.data.fedml_dataset[5]  # the dict FedML's trainers read, replaced in place
-        # sp reads every client's real tensors once before round 0 (SupplementDelivery): the clients here
-        # do the same, so that both stay on the same shuffle stream.
-        self.delivery = (SupplementDelivery(self.loaders, party.cfg.sections["feddpd"]["supplement_weight"],
-                                            args.batch_size, int(args.random_seed), party.data.space)
-                         if party.method.supplement else None)
-
-    def deliver(self, cid: int, supplement) -> None:
-        self.delivery(cid, supplement)
-
-    def state_of(self, cid: int) -> dict:
-        """What a resumed run needs of this client after its round (KEY_CLIENT_STATE): the loader's shuffle
-        state (the round's epochs drew from it) and this process's torch RNG state. Neither holds data: both
-        follow from the run seed and the rounds trained."""
-        import torch
-
-        generator = getattr(self.loaders[int(cid)], "generator", None)
-        return {"loader": generator.get_state() if generator is not None else None, "torch": torch.get_rng_state()}
-
-    def restore_state(self, cid: int, state: dict) -> None:
-        """Put client `cid`'s loader (after its supplement was delivered) and this process's torch RNG where the
-        checkpointed round left them."""
-        import torch
-
-        if state.get("loader") is not None:
-            self.loaders[int(cid)].generator.set_state(state["loader"])
-        if state.get("torch") is not None:
-            torch.set_rng_state(state["torch"])
-
-    def timed(self, train, announce=None):
-        """Wrap a FedML trainer's `train(...)`: its seconds go into this client's next report (and to
-        `announce(seconds)` when given)."""
-
-        def timed_train(*a, **k):
-            start = time.perf_counter()
-            out = train(*a, **k)
-            self.last_seconds = time.perf_counter() - start
-            if announce is not None:
-                announce(self.last_seconds)
-            return out
-
-        return timed_train
-
-    def report(self, cid: int) -> dict:
-        """What client `cid` trained on in the round it just trained, and for how long."""
-        holding = self.delivery.holding.get(int(cid)) if self.delivery else None
-        return {"client": int(cid), "seconds": self.last_seconds,
-                "supplement": supplement_summary(holding, self.party.data.class_num)}

@@ -70,12 +70,16 @@ def read_ipconfig(path: str | os.PathLike, parties: int) -> dict[int, tuple[str,
     where = f"comm_args.grpc_ipconfig_path {os.fspath(path)}"
     if not os.path.isfile(path):
         raise ConfigError(f"{where}: file not found; expected a CSV with columns {','.join(COLUMNS)}")
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ConfigError(f"{where}: missing column(s) {', '.join(missing)}; expected header {','.join(COLUMNS)}")
-        rows = list(reader)
+    try:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ConfigError(f"{where}: missing column(s) {', '.join(missing)}; expected header "
+                                  f"{','.join(COLUMNS)}")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:  # not UTF-8, a NUL byte, a field over csv's size limit
+        raise ConfigError(f"{where}: not a CSV text file ({' '.join(str(exc).split())[:100]})") from None
     table: dict[int, tuple[str, int]] = {}
     seen_at: dict[int, int] = {}
     for line, row in enumerate(rows, start=2):

@@ -110,12 +110,12 @@ class FedDPDMPIServerManager(_BlockingMpiMixin, FedAVGServerManager):
         super().__init__(args, aggregator, comm, rank, size, backend)
 
     def handle_message_receive_model_from_client(self, msg_params):
-        # FedAvgServerManager.py:51-58 keeps only model and sample count; note bytes and the client's report.
+        # FedAvgServerManager.py:51-58 keeps model and sample count unchecked; note bytes and the client's report,
+        # and check the upload first (ServerCore.received: a bad one stops the job, its ranks being one trusted job).
         sender = msg_params.get(MyMessage.MSG_ARG_KEY_SENDER)
-        report = msg_params.get(KEY_TRAINED_ON)
-        cid = report["client"] if report else self.core.round_clients[sender - 1]
-        self.core.received(self.args.round_idx, cid, msg_params.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS), report,
-                           msg_params.get(KEY_CLIENT_STATE))
+        self.core.received(self.args.round_idx, self.core.round_clients[sender - 1],
+                           msg_params.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS), msg_params.get(KEY_TRAINED_ON),
+                           msg_params.get(KEY_CLIENT_STATE), msg_params.get(MyMessage.MSG_ARG_KEY_NUM_SAMPLES))
         super().handle_message_receive_model_from_client(msg_params)
 
     def send_init_msg(self):

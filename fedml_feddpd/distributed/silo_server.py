@@ -1,4 +1,5 @@
-"""The server of a gRPC cross-silo run: FedML's cross-silo server manager and aggregator, subclassed.
+"""The server of a gRPC cross-silo run: FedML's cross-silo server manager, subclassed (its aggregators:
+silo_aggregator.py).
 
 Supplements travel in FedML's per-client payload: when `ServerAggregator.aggregate` returns a plain dict
 {client_index: payload}, the server sends each client its own entry (cross_silo/server/fedml_aggregator.py:
@@ -11,6 +12,8 @@ models went out, or at once without those its model could not reach: FedML's han
 (fedml_server_manager.py:174-251) waits for every client, so the round's close is ours (`_close_round`).
 Every model message carries its round (`KEY_ROUND`); an upload for another round is dropped with one line.
 A client that restarts announces a new session (`KEY_SESSION`) and gets the model at the next round start.
+Every upload is checked before FedML's aggregator keeps it (ServerCore.received, uploads.py): a bad one is dropped
+with one line, recorded (`rejected_uploads`), and the round goes on without it, as without a silent client.
 
 --resume: the server checkpoints like sp (checkpoint.Checkpointer over ServerCore). Each upload carries the
 client's state after the round (`KEY_CLIENT_STATE`: its loader's shuffle state and its torch RNG state), which
@@ -23,95 +26,18 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections import OrderedDict
 
-from fedml.core import ServerAggregator
-from fedml.cross_silo.server.fedml_aggregator import FedMLAggregator
 from fedml.cross_silo.server.fedml_server_manager import FedMLServerManager
 from fedml.cross_silo.server.message_define import MyMessage
 
 from ..errors import PartyError, PartyTimeout
 from .common import KEY_CLIENT_STATE, KEY_ROUND, KEY_SESSION, KEY_TRAINED_ON, ServerCore
+from .silo_aggregator import FedDPDServerAggregator, FedDPDSiloAggregator
 from .silo_transport import _WatchfulMixin
 from .wire import encoded_size
 
 MODEL_MESSAGES = (MyMessage.MSG_TYPE_S2C_INIT_CONFIG, MyMessage.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT)
 RETRY_DOWN_CLIENT_S = 1.0  # with round_timeout_s: how long a refused model message to a client is retried
-
-class FedDPDServerAggregator(ServerAggregator):
-    """The FedML ServerAggregator of every method: FedML-sp averaging and the FedDPD server step
-    (`ServerCore.aggregate`); for supplement methods it returns one payload per client."""
-
-    def __init__(self, model, args, core: ServerCore, next_clients):
-        super().__init__(model, args)
-        self.core = core
-        self.next_clients = next_clients  # () -> client indexes of the next round, in rank order
-
-    def get_model_params(self):
-        return self.model.cpu().state_dict()  # an OrderedDict: FedML broadcasts it (fedml_server_manager.py:56-66)
-
-    def set_model_params(self, model_parameters):
-        # fedml_aggregator.py:101-102 hands back what `aggregate` returned; the payload dict carries the
-        # global model that `ServerCore.aggregate` has already loaded.
-        if type(model_parameters) is dict:
-            return
-        self.model.load_state_dict(model_parameters)
-
-    def aggregate(self, raw_client_model_or_grad_list):
-        core = self.core
-        w_global = core.aggregate(self.args.round_idx, raw_client_model_or_grad_list, core.round_clients)
-        if core.recorder.server_step is None:
-            return OrderedDict(w_global)  # a plain dict would be taken as per-client payloads
-        # {client_index: payload}: FedML sends payload `client_index` to the rank that trains it next
-        # (fedml_server_manager.py:225-231). Keys are the next round's clients, never -1 (:240-243).
-        # fedml_aggregator.py:96-97 walks keys 0..n-1, so every client index gets an entry; only the next
-        # round's clients can receive a supplement.
-        rank_of = {int(cid): pos + 1 for pos, cid in enumerate(self.next_clients())}
-        return {cid: {"client": cid, "model": w_global,
-                      "supplement": core.outgoing(rank_of[cid], cid) if cid in rank_of else None}
-                for cid in range(int(self.args.client_num_in_total))}
-
-    def test(self, test_data, device, args):
-        return None
-
-    def test_all(self, train_data_local_dict, test_data_local_dict, device, args) -> bool:
-        return True
-
-
-class FedDPDSiloAggregator(FedMLAggregator):
-    def __init__(self, *args, core: ServerCore, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.core = core
-
-    def next_clients(self):
-        # fedml_server_manager.py:214-216 selects the next round's silos right after aggregation with the
-        # same arguments; data_silo_selection reseeds numpy with them, so this is the same list.
-        return list(self.data_silo_selection(self.args.round_idx, self.args.client_num_in_total,
-                                             self.client_num))
-
-    def aggregate(self):
-        # fedml_aggregator.py:78-106 averages every index's latest upload, answered this round or not: here
-        # only this round's, so FedAvg's sample-count weights are renormalised over the clients that answered.
-        flags = self.flag_client_model_uploaded_dict
-        answered = [i for i in range(self.client_num) if flags[i]]
-        for i in range(self.client_num):
-            flags[i] = False
-        clients = self.core.round_clients  # this round's client per rank position
-        self.core.answered([clients[i] for i in answered], [c for i, c in enumerate(clients) if i not in answered])
-        model_list, idxes = self.aggregator.on_before_aggregation(
-            [(self.sample_num_dict[i], self.model_dict[i]) for i in answered])
-        averaged = self.aggregator.aggregate(model_list)
-        if type(averaged) is dict:  # per-client payloads (fedml_aggregator.py:90-97)
-            for client_index in range(len(averaged)):
-                averaged[client_index] = self.aggregator.on_after_aggregation(averaged[client_index])
-        else:
-            averaged = self.aggregator.on_after_aggregation(averaged)
-        self.set_global_model_params(averaged)
-        return averaged, model_list, [answered[i] for i in idxes]
-
-    def test_on_server_for_all_clients(self, round_idx):
-        # fedml_aggregator.py:183-219 tests through FedML's aggregator; record our metrics instead.
-        self.core.end_round(round_idx)
 
 
 class FedDPDSiloServerManager(_WatchfulMixin, FedMLServerManager):
@@ -121,6 +47,7 @@ class FedDPDSiloServerManager(_WatchfulMixin, FedMLServerManager):
         self.round_timeout_s = float(getattr(args, "round_timeout_s", 0.0))
         self.min_clients = int(getattr(args, "min_clients_per_round", 1))
         self.reached: set[int] = set()  # ranks the open round's model reached
+        self.rejected: set[int] = set()  # ranks whose upload of the open round failed the checks (uploads.py)
         self.reached_round = -1
         self.sessions: dict[int, str] = {}  # rank -> the session its latest ONLINE status named
         self.deadline = None  # when the open round closes without the clients still silent
@@ -152,14 +79,23 @@ class FedDPDSiloServerManager(_WatchfulMixin, FedMLServerManager):
             self._say(f"dropped client rank {sender}'s upload for round {msg_params.get(KEY_ROUND)}: this server did "
                       f"not send it that round's model")
             return
-        report = msg_params.get(KEY_TRAINED_ON)
-        position = self.client_real_ids.index(sender)
-        cid = report["client"] if report else self.core.round_clients[position]
-        model = msg_params.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS)
-        self.core.received(self.args.round_idx, cid, model, report, msg_params.get(KEY_CLIENT_STATE))
-        self.aggregator.add_local_trained_result(position, model, msg_params.get(MyMessage.MSG_ARG_KEY_NUM_SAMPLES))
-        flags = self.aggregator.flag_client_model_uploaded_dict
-        if all(flags[self.client_real_ids.index(r)] for r in self.reached):
+        position, flags = self.client_real_ids.index(sender), self.aggregator.flag_client_model_uploaded_dict
+        if flags[position] or sender in self.rejected:
+            self._say(f"dropped client rank {sender}'s second upload for round {self.args.round_idx}")
+            return
+        # the client this rank was sent (fedml_server_manager.py:225-231); the upload is checked before FedML's
+        # aggregator keeps it: a bad one is dropped and the round goes on without it, as without a silent client
+        cid, model = self.core.round_clients[position], msg_params.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS)
+        samples = msg_params.get(MyMessage.MSG_ARG_KEY_NUM_SAMPLES)
+        why = self.core.received(self.args.round_idx, cid, model, msg_params.get(KEY_TRAINED_ON),
+                                 msg_params.get(KEY_CLIENT_STATE), samples)
+        if why:
+            self.rejected.add(sender)
+            self._say(f"rejected client rank {sender}'s upload for round {self.args.round_idx} (client {cid}): {why}; "
+                      f"the round goes on without it")
+        else:
+            self.aggregator.add_local_trained_result(position, model, samples)
+        if all(flags[self.client_real_ids.index(r)] or r in self.rejected for r in self.reached):
             self._close_round()
 
     def _on_tick(self):
@@ -176,17 +112,21 @@ class FedDPDSiloServerManager(_WatchfulMixin, FedMLServerManager):
     def _close_round(self):
         # fedml_server_manager.py:187-251 without its MLOps, wandb and Context calls: aggregate (only the
         # uploads of this round), test, select the next round's clients, send each its model, count the round.
-        r, flags = self.args.round_idx, self.aggregator.flag_client_model_uploaded_dict
-        missing = [rank for i, rank in enumerate(self.client_real_ids) if not flags[i]]
+        r, flags, ids = self.args.round_idx, self.aggregator.flag_client_model_uploaded_dict, self.client_real_ids
+        missing = [rank for i, rank in enumerate(ids) if not flags[i] and rank not in self.rejected]
+        rejected, ranks = sorted(self.rejected), (lambda rs: ", ".join(map(str, rs)))
+        averaged = len(ids) - len(missing) - len(rejected)
+        if averaged < self.min_clients and not rejected:
+            raise PartyTimeout(f"round {r}: {averaged} of {len(ids)} clients answered within comm_args.round_timeout_s "
+                               f"= {self.round_timeout_s:g} s (missing client rank(s) {ranks(missing)}); "
+                               f"train_args.min_clients_per_round is {self.min_clients}")
+        if averaged < self.min_clients:
+            raise PartyError(f"round {r}: {averaged} of {len(ids)} clients' uploads can be averaged (rejected client "
+                             f"rank(s) {ranks(rejected)}" + (f"; missing {ranks(missing)}" if missing else "")
+                             + f"); train_args.min_clients_per_round is {self.min_clients}")
         if missing:
-            answered = len(self.client_real_ids) - len(missing)
-            if answered < self.min_clients:
-                raise PartyTimeout(f"round {r}: {answered} of {len(self.client_real_ids)} clients answered within "
-                                   f"comm_args.round_timeout_s = {self.round_timeout_s:g} s (missing client rank(s) "
-                                   f"{', '.join(map(str, missing))}); train_args.min_clients_per_round is "
-                                   f"{self.min_clients}")
-            self._say(f"round {r} goes on without client rank(s) {', '.join(map(str, missing))}: "
-                      f"averaging the {answered} upload(s) that came")
+            self._say(f"round {r} goes on without client rank(s) {ranks(missing)}: averaging the {averaged} "
+                      f"upload(s) that came")
         self.deadline = None
         global_model_params, _, _ = self.aggregator.aggregate()
         self.aggregator.test_on_server_for_all_clients(r)
@@ -213,7 +153,7 @@ class FedDPDSiloServerManager(_WatchfulMixin, FedMLServerManager):
                       if self.resume_sending is not None else self.args.round_idx + 1)
             self.core.begin_round(starts, self.data_silo_index_list)
             if starts != self.reached_round:
-                self.reached, self.reached_round = set(), starts
+                self.reached, self.rejected, self.reached_round = set(), set(), starts
             message.add_params(KEY_ROUND, starts)
         if self.round_timeout_s > 0 and self.is_initialized and receiver != 0:
             # a client that does not take its model now misses the round (a dead one refuses at once)
@@ -296,7 +236,7 @@ def run_server(party, clients: int, show_progress: bool, out_dir=None, state=Non
     args = party.args
     [train_num, _, train_global, test_global, local_num, local_train, local_test, _] = party.data.fedml_dataset
     core = ServerCore(party, show_progress, size_of=encoded_size)
-    core.resumable = True
+    core.resumable = core.drop_bad_uploads = True
     holder = {}
     server_aggregator = FedDPDServerAggregator(party.model, args, core, next_clients=lambda: holder["agg"].next_clients())
     server_aggregator.set_id(0)

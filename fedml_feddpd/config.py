@@ -132,7 +132,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "ratio_floor": _float(0.0, default=_FEDDPD.ratio_floor),
         "supplement_weight": _float(0.0, default=_FEDDPD.supplement_weight),
         "keep_previous": _float(0.0, 1.0, default=_FEDDPD.keep_previous, high_open=True),
-        "delivery": _choice(("client", "server"), _FEDDPD.delivery),
+        "delivery": _choice(("auto", "client", "server"), _FEDDPD.delivery),
         "selection": _choice(SELECTIONS, _FEDDPD.selection),
         "discrepancy": _choice(DISCREPANCIES, _FEDDPD.discrepancy),
         "gate": _choice(GATES, _FEDDPD.gate),
@@ -244,6 +244,8 @@ def _check_across_keys(s: dict[str, dict[str, Any]]) -> None:
             f"data_args.test_fraction: public_fraction + test_fraction must be < 1 to leave data "
             f"for clients, got {data['public_fraction']} + {data['test_fraction']}")
     method = methods.of(train)
+    if s["feddpd"]["delivery"] == "auto":  # the method's own default; the resolved config names it
+        s["feddpd"]["delivery"] = method.delivery
     _check_backend(s, method)
     _check_dropout(s["train_args"], s["comm_args"])
     check_tls(s["comm_args"])

@@ -66,6 +66,8 @@ class Method:
     composable: bool = False
     own_trainer: bool = False
     uploads_params: bool = True
+    # what `feddpd.delivery: auto` (the default) means for this supplement method (config.resolve_delivery)
+    delivery: str = "client"
 
     @property
     def supplement(self) -> bool:
@@ -146,7 +148,8 @@ def compose(base: Method, sup: Method) -> Method:
                   policy=sup.policy, reads=sup.reads, options=base.options, privacy=sup.privacy,
                   backends=tuple(b for b in base.backends if b in sup.backends), check=check, unread=sup.unread,
                   resumable=lambda s: base.can_resume(s) and sup.can_resume(s), own_trainer=base.own_trainer,
-                  uploads_params=base.uploads_params)
+                  uploads_params=base.uploads_params,
+                  delivery=sup.delivery if base.uploads_params else "client")
 
 
 def _composed_check(base: Method, sections: dict) -> None:
@@ -178,7 +181,8 @@ def _schedule_check(sections: dict) -> None:
     """Cross-key checks of the schedule every supplement method reads."""
     feddpd = sections["feddpd"]
     if feddpd["delivery"] == "server" and feddpd["keep_previous"] > 0:
-        raise ConfigError(f"feddpd.keep_previous: expected 0 with delivery: server (clients hold no supplement), "
+        raise ConfigError(f"feddpd.keep_previous: expected 0 with delivery: server (clients hold no supplement; "
+                          "delivery: client keeps one), "
                           f"got {feddpd['keep_previous']!r}")
 
 
@@ -228,7 +232,8 @@ register(Method("FedProx", "FedML's FedProx (proximal term fedprox_mu)",
 register(Method("FedDPD", "loss-gap-selected synthetic supplements from a Diffusion-DPO-adapted generator",
                 policy="fedml_feddpd.feddpd.policy:FedDPDPolicy",
                 reads={"feddpd": ALL, "dpo_args": ALL, "generator": ALL}, backends=ALL_BACKENDS,
-                unread=_merge_unread(_feddpd_unread, _schedule_unread), check=_schedule_check))
+                unread=_merge_unread(_feddpd_unread, _schedule_unread), check=_schedule_check,
+                delivery="server"))  # chosen on validation data (docs/RESULTS.md)
 register(Method("FedDiff", "one class-balanced synthetic set shared by every client",
                 policy="fedml_feddpd.baselines.feddiff:FedDiffPolicy",
                 reads={"feddpd": SCHEDULE + ("supplement_ratio",), "generator": ALL}, backends=ALL_BACKENDS,

@@ -75,7 +75,9 @@ def test_given_the_same_uploads_a_composed_pair_aggregates_as_its_optimizer_alon
     from fedml_feddpd.config import validate
     from fedml_feddpd.runner import prepare
 
-    plain, composed = (prepare(validate(_raw(tmp_path, optimizer, s)), show_progress=False) for s in ("none", "FedDPD"))
+    # delivery: client, so the server step runs after aggregation (under server delivery it trains the uploads first)
+    plain, composed = (prepare(validate(_raw(tmp_path, optimizer, s, delivery="client")), show_progress=False)
+                       for s in ("none", "FedDPD"))
     assert composed.recorder.server_step is not None and plain.recorder.server_step is None
     results = []
     for exp in (plain, composed):
@@ -96,7 +98,8 @@ def test_a_composed_run_delivers_supplements_through_the_optimizers_own_trainer(
     from fedml_feddpd.config import validate
     from fedml_feddpd.runner import run
 
-    result = run(validate(_raw(tmp_path, optimizer, "FedDPD")), tmp_path / "run", show_progress=False)
+    result = run(validate(_raw(tmp_path, optimizer, "FedDPD", delivery="client")), tmp_path / "run",
+                 show_progress=False)
     assert result["method"] == f"FedDPD+{optimizer}"
     sizes = [s["size"] for r in result["rounds"] if "server_step" in r for s in r["server_step"]["supplements"].values()]
     assert sizes and sum(sizes) > 0 and result["final"]["top1"] > 0.2

@@ -30,7 +30,7 @@ BAD_INPUTS = [
     ("feddpd", "tau", "half", "feddpd.tau: expected a number in [0, 1], or auto (1/C), got 'half'"),
     ("feddpd", "schedule", "weekly", "feddpd.schedule: expected one of exponential, periodic, got 'weekly'"),
     ("feddpd", "selection", "kl", "feddpd.selection: expected one of loss_gap, discrepancy, random, got 'kl'"),
-    ("feddpd", "delivery", "mail", "feddpd.delivery: expected one of client, server, got 'mail'"),
+    ("feddpd", "delivery", "mail", "feddpd.delivery: expected one of auto, client, server, got 'mail'"),
     ("dpo_args", "loss_type", "kto", "dpo_args.loss_type: expected one of sigmoid, hinge, ipo, got 'kto'"),
     ("run_args", "checkpoint_every", -1, "run_args.checkpoint_every: expected an integer >= 0, got -1"),
 ]
@@ -103,6 +103,18 @@ def test_server_delivery_keeps_no_previous_supplement(config_dict):
         validate(config_dict)
     config_dict["feddpd"]["keep_previous"] = 0.0
     assert validate(config_dict).sections["feddpd"]["delivery"] == "server"
+
+
+@pytest.mark.parametrize("optimizer,supplement,expected", [
+    ("FedDPD", "none", "server"), ("FedAvg", "FedDPD", "server"), ("FedOpt", "FedDPD", "server"),
+    ("FedProx", "FedDPD", "server"), ("FedNova", "FedDPD", "client"), ("SCAFFOLD", "FedDPD", "client"),
+    ("FedDiff", "none", "client"), ("Balance", "none", "client"), ("FedAvg", "none", "client")])
+def test_auto_delivery_is_the_methods_own(config_dict, optimizer, supplement, expected):
+    """delivery: auto resolves to server for FedDPD wherever clients upload parameters (FedNova and SCAFFOLD upload
+    updates), and to client for the other supplement methods; the resolved config names it."""
+    config_dict["train_args"].update(federated_optimizer=optimizer, supplement=supplement)
+    config_dict["feddpd"] = {"supplement_weight": 1.0}
+    assert validate(config_dict).sections["feddpd"]["delivery"] == expected
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path, config_dict, capsys):

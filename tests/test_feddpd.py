@@ -12,14 +12,15 @@ from conftest import ROOT, shrink
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
-    """2 rounds, 4 clients, 2 per round; a supplement after round 0. The generator is tiny (a few
-    pretraining steps) and the gate is open (tau 0), so every client gets samples to check."""
+    """2 rounds, 4 clients, 2 per round; a supplement after round 0, delivered to the clients. The generator is
+    tiny (a few pretraining steps) and the gate is open (tau 0), so every client gets samples to check."""
     from fedml_feddpd.config import validate
     from fedml_feddpd.runner import prepare
 
     raw = shrink(yaml.safe_load(open(os.path.join(ROOT, "configs", "digits_feddpd.yaml"))))
     raw["train_args"].update(client_num_per_round=2)
-    raw["feddpd"].update(dpo_rounds=1, warmup_rounds=0, supplement_every=1, tau=0.0, bank_per_class=8, supplement_ratio=0.5)
+    raw["feddpd"].update(dpo_rounds=1, warmup_rounds=0, supplement_every=1, tau=0.0, bank_per_class=8, supplement_ratio=0.5,
+                         delivery="client")
     raw["generator"].update(pretrain_steps=20, sample_steps=5, cache_dir=str(tmp_path_factory.mktemp("gen")))
     raw["dpo_args"].update(max_steps=2, batch_size=4)
     return prepare(validate(raw, "feddpd-test.yaml"), show_progress=False)
@@ -186,7 +187,7 @@ def test_server_step_keeps_part_of_what_a_client_held(experiment):
 
     class Fixed:
         settings = dataclasses.replace(experiment.recorder.server_step.policy.settings, warmup_rounds=0,
-                                       supplement_every=1, keep_previous=0.5)
+                                       supplement_every=1, keep_previous=0.5, delivery="client")
         seed = 3
 
         def build_supplements(self, round_idx, global_state, uploads, scorer, generator, timer):

@@ -24,8 +24,10 @@ class FedDPDSettings:
     # supplement changes gradually; 0: replaced outright). Its size stays bounded: at most B / (1 - keep).
     keep_previous: float = 0.0
     # client: the client trains on its data plus the supplement; server: before aggregation the server trains
-    # the client's uploaded model on it, so clients train and download exactly as under FedAvg
-    delivery: str = "client"
+    # the client's uploaded model on it, so clients train and download exactly as under FedAvg. auto: the
+    # method's own (methods.Method.delivery): server for FedDPD on an optimizer whose clients upload parameters,
+    # client for the other supplement methods, as their papers deliver
+    delivery: str = "auto"
     # -- what (selection.py, bank.py) --
     selection: str = "loss_gap"        # loss_gap (l_k - l_g > 0), discrepancy (older rule), random
     discrepancy: str = "prob_gap"      # selection: discrepancy only
@@ -33,7 +35,7 @@ class FedDPDSettings:
     #                                    trained on its balanced public split) or global (the aggregated model)
     tau: Union[float, str] = "auto"    # auto: 1/C
     gate_epochs: int = 10              # gate: public: epochs of the server's classifier on the public split
-    bank_per_class: int = 32           # base generator samples per class in the candidate bank
+    bank_per_class: int = 16           # base generator samples per class in the candidate bank
     bank_refresh: int = 0              # draw the base samples again every N rounds (0: once)
     # -- DPO (reward.py) --
     dpo: bool = True

@@ -39,7 +39,9 @@ def _env():
 def _tiny_feddpd(cache_dir) -> dict:
     raw = shrink(yaml.safe_load(open(os.path.join(ROOT, "configs", "digits_feddpd.yaml"))))
     raw["train_args"].update(client_num_in_total=2, client_num_per_round=2)
-    raw["feddpd"].update(dpo_rounds=1, warmup_rounds=0, supplement_every=1, tau=0.0, bank_per_class=4)
+    # delivery: client, so supplements cross the wire (FedDPD's own default, server, sends clients nothing)
+    raw["feddpd"].update(dpo_rounds=1, warmup_rounds=0, supplement_every=1, tau=0.0, bank_per_class=4,
+                         delivery="client")
     raw["generator"].update(pretrain_steps=5, sample_steps=3, cache_dir=str(cache_dir))
     raw["dpo_args"].update(max_steps=2, batch_size=2)
     raw["run_args"]["baseline"] = "none"
@@ -153,6 +155,32 @@ def test_grpc_feddpd_matches_sp(sp_reference):
     assert sorted(pids) == [0, 1, 2]
     assert all(_gone(p) for p in pids.values())  # no party outlives silo-local
     _check_same_as_sp(sp, json.loads((out / "metrics.json").read_text()), "GRPC")
+
+
+def test_grpc_server_delivery_matches_sp(tmp_path):
+    """FedDPD's default delivery (server) across processes: the server trains each upload on its supplement before
+    averaging, as on sp, bit for bit, and no supplement byte goes down to a client."""
+    from fedml_feddpd.config import validate
+    from fedml_feddpd.runner import run
+
+    raw = _tiny_feddpd(tmp_path / "gen")
+    raw["feddpd"].update(delivery="server", dpo_rounds=0)
+    sp = run(validate(json.loads(json.dumps(raw)), "tiny.yaml"), tmp_path / "sp", show_progress=False)
+    raw["common_args"]["training_type"] = "cross_silo"
+    raw["comm_args"] = {"backend": "GRPC", "comm_timeout_s": 120}
+    cf, out = _write(raw, tmp_path / "grpc.yaml"), tmp_path / "grpc"
+    proc = _silo_local(cf, out, tmp_path)
+    try:
+        stdout, stderr = proc.communicate(timeout=480)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    dist = json.loads((out / "metrics.json").read_text())
+    assert dist["backend"] == "GRPC" and dist["final"] == sp["final"]
+    assert _strip(dist["rounds"]) == _strip(sp["rounds"])
+    assert sp["rounds"][0]["server_step"]["supplements"]  # the server did supply (and train on) something
+    assert all(r["comm"]["down_supplement_bytes"] == 0 for r in dist["rounds"])
 
 
 def test_grpc_killed_client_stops_the_server_within_the_timeout(tmp_path, config_dict):

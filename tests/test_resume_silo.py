@@ -34,7 +34,8 @@ def grpc_reference(tmp_path_factory):
     raw["common_args"]["training_type"] = "cross_silo"
     raw["comm_args"] = {"backend": "GRPC", "comm_timeout_s": 120}
     raw["train_args"].update(client_num_in_total=2, client_num_per_round=2, comm_round=ROUNDS, epochs=2)
-    raw["feddpd"].update(schedule="periodic", dpo_rounds=1, warmup_rounds=0, supplement_every=2, tau=0.0, bank_per_class=4)
+    raw["feddpd"].update(schedule="periodic", dpo_rounds=1, warmup_rounds=0, supplement_every=2, tau=0.0, bank_per_class=4,
+                         delivery="client")  # supplements cross the wire
     raw["generator"].update(pretrain_steps=10, sample_steps=2, guidance_scale=1.0, block_out_channels=[8, 16],
                             norm_num_groups=4, attention_head_dim=8, cache_dir=str(folder / "gen"))
     raw["dpo_args"].update(max_steps=2, batch_size=2)

@@ -502,3 +502,43 @@ def test_both_samplers_clip_the_predicted_image(sampler):
     for t in sched.timesteps:
         x = sched.step(torch.full_like(x, -5.0), t, x).prev_sample
     assert float(x.max()) <= 1.0 + 1e-5 and float(x.min()) >= -1.0 - 1e-5, (sampler, float(x.abs().max()))
+
+
+def test_pretraining_on_the_cpu_is_a_plain_training_loop_bit_for_bit():
+    """train_unet's GPU-minded loop (data on the device, draws moved over, loss read back rarely) takes on the CPU
+    exactly the steps of the plain loop below: the same draws in the same order, the same updates, the same loss."""
+    import torch.nn.functional as F
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+
+    from fedml_feddpd.generation.pretrain import build_train_scheduler, build_unet, train_unet
+
+    cfg = GeneratorConfig(num_classes=10, in_channels=1, sample_size=8, pretrain_steps=30, pretrain_batch_size=16)
+    g = torch.Generator().manual_seed(1)
+    images, labels = torch.rand(120, 1, 8, 8, generator=g), torch.randint(0, 10, (120,), generator=g)
+    unet, _, final = train_unet(cfg, images, labels, seed=3, progress=False)
+
+    torch.manual_seed(3)
+    ref, sched = build_unet(cfg), build_train_scheduler(cfg)
+    gen = torch.Generator().manual_seed(3)
+    opt = torch.optim.AdamW(ref.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
+    lr_sched = get_cosine_schedule_with_warmup(opt, min(100, cfg.pretrain_steps // 10), cfg.pretrain_steps)
+    ema, losses = EMAModel(ref.parameters(), decay=cfg.ema_decay), []
+    ref.train()
+    for _ in range(cfg.pretrain_steps):
+        idx = torch.randint(len(images), (cfg.pretrain_batch_size,), generator=gen)
+        x0, y = images[idx] * 2.0 - 1.0, labels[idx].clone()
+        y[torch.rand(len(y), generator=gen) < cfg.label_dropout] = cfg.null_class
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), generator=gen)
+        loss = F.mse_loss(ref(sched.add_noise(x0, noise, t), t, class_labels=y).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        opt.step()
+        lr_sched.step()
+        ema.step(ref.parameters())
+        losses.append(loss.item())
+    ema.copy_to(ref.parameters())
+    assert final == sum(losses[-100:]) / len(losses[-100:])
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), ref.state_dict().values()))

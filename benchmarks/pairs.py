@@ -19,7 +19,7 @@ from .common import fmt_diff
 def pairs(results: dict, a: str, b: str, metric: str) -> dict:
     out = {}
     for setting, methods in results["settings"].items():
-        if a not in methods or b not in methods:
+        if any(m not in methods or metric not in methods[m] for m in (a, b)):  # not in the suite, or no run yet
             continue
         va, vb = (dict(zip(methods[m]["seeds"], methods[m][metric]["values"])) for m in (a, b))
         seeds = sorted(set(va) & set(vb))

@@ -160,3 +160,16 @@ def test_ci_from_population_std():
     assert stats.ci_from_population_std(0.5, 0.01, 1) == (None, None)
     assert stats.ci_from_population_std(float("nan"), 0.01, 3) == (None, None)
     assert not math.isnan(high)
+
+
+def test_pairs_pairs_common_seeds_and_skips_a_setting_a_method_has_not_run():
+    from benchmarks.pairs import pairs
+
+    done = lambda seeds, vals: {"seeds": seeds, "top1": {"values": vals}}  # noqa: E731
+    results = {"settings": {
+        "A": {"x": done([0, 1, 2], [0.80, 0.82, 0.84]), "y": done([0, 1, 2, 3], [0.79, 0.80, 0.81, 0.5])},
+        "B": {"x": {"seeds": []}, "y": done([0], [0.7])},  # x has no finished run in B
+    }}
+    out = pairs(results, "x", "y", "top1")
+    assert list(out) == ["A"]
+    assert out["A"]["n"] == 3 and abs(out["A"]["mean_diff"] - 2.0) < 1e-9  # seed 3 of y is unpaired

@@ -133,16 +133,12 @@ def _silo_local(cf, out, cwd):
                             env=_env(), start_new_session=True)
 
 
-def _pids(stdout: str) -> dict:
-    return {int(r): int(p) for r, p in re.findall(r"rank (\d+) pid (\d+)", stdout)}
-
-
-def test_grpc_feddpd_matches_sp(sp_reference):
-    raw, sp, folder = sp_reference
-    raw = json.loads(json.dumps(raw))
+def _run_silo_local(raw: dict, folder, name: str):
+    """`raw` as a gRPC cross-silo run of silo-local in `folder`, to its end (exit 0): (stdout, output folder);
+    no party outlives a timeout."""
     raw["common_args"]["training_type"] = "cross_silo"
     raw["comm_args"] = {"backend": "GRPC", "comm_timeout_s": 120}
-    cf, out = _write(raw, folder / "grpc.yaml"), folder / "grpc"
+    cf, out = _write(raw, folder / f"{name}.yaml"), folder / name
     proc = _silo_local(cf, out, folder)
     try:
         stdout, stderr = proc.communicate(timeout=480)
@@ -150,6 +146,16 @@ def test_grpc_feddpd_matches_sp(sp_reference):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout, out
+
+
+def _pids(stdout: str) -> dict:
+    return {int(r): int(p) for r, p in re.findall(r"rank (\d+) pid (\d+)", stdout)}
+
+
+def test_grpc_feddpd_matches_sp(sp_reference):
+    raw, sp, folder = sp_reference
+    stdout, out = _run_silo_local(json.loads(json.dumps(raw)), folder, "grpc")
     assert "backend GRPC): final top-1" in stdout
     pids = _pids(stdout)
     assert sorted(pids) == [0, 1, 2]
@@ -166,16 +172,7 @@ def test_grpc_server_delivery_matches_sp(tmp_path):
     raw = _tiny_feddpd(tmp_path / "gen")
     raw["feddpd"].update(delivery="server", dpo_rounds=0)
     sp = run(validate(json.loads(json.dumps(raw)), "tiny.yaml"), tmp_path / "sp", show_progress=False)
-    raw["common_args"]["training_type"] = "cross_silo"
-    raw["comm_args"] = {"backend": "GRPC", "comm_timeout_s": 120}
-    cf, out = _write(raw, tmp_path / "grpc.yaml"), tmp_path / "grpc"
-    proc = _silo_local(cf, out, tmp_path)
-    try:
-        stdout, stderr = proc.communicate(timeout=480)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    _, out = _run_silo_local(raw, tmp_path, "grpc")
     dist = json.loads((out / "metrics.json").read_text())
     assert dist["backend"] == "GRPC" and dist["final"] == sp["final"]
     assert _strip(dist["rounds"]) == _strip(sp["rounds"])
